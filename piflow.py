@@ -1,0 +1,583 @@
+"""π-Flow in one file: policy-based few-step generation via imitation distillation.
+
+Paper: Chen et al., "pi-Flow: Policy-Based Few-Step Generation via Imitation Distillation", arXiv 2510.14974.
+Read it top to bottom; every part depends only on the parts above it.
+
+    1. Conventions: forward diffusion, u <-> x0, time shift, the few-step schedule   (§2, App. B.4)
+    2. DX policy: a grid of x0 predictions, linearly interpolated                    (§3.1)
+    3. GMFlow policy: closed-form GM denoising posterior and its velocity            (§3.2, App. F, Eq. 21-30)
+       GM dropout (§5.1) and GM temperature (App. B.1, Eq. 4)
+    4. Policy rollout: Euler integration of the policy ODE with 128 substeps / unit   (Alg. 1 line 7)
+    5. π-ID: segment loss, micro-window (Eq. 6), trajectory mixing (Eq. 5),
+       data-dependent (Alg. 2) and data-free (Alg. 3) training steps, teacher CFG
+    6. Few-step sampler (elastic NFE, GM temperature)
+    7. EMA of the student weights (Karras power schedule)
+
+Conventions (as in the paper and the official code):
+    x_sigma = (1 - sigma) * x0 + sigma * eps      sigma = 1 is pure noise, alpha = 1 - sigma
+    u = eps - x0 = (x_sigma - x0) / sigma         the flow velocity; dx/dsigma = u
+    tau = raw time in [0, 1]; sigma = warp(tau) = m tau / (1 + (m - 1) tau) with shift m
+
+The paper writes t for the noise level; here it is `sigma` (a per-sample tensor of shape (B,)), and `tau`
+is the raw pre-shift time in which segments and substeps are uniform. Tensors are laid out as in the released
+checkpoints: x (B, C, H, W); GM means (B, K, C, H, W), logweights (B, K, 1, H, W) (log-softmax over K),
+logstds (B, 1, 1, 1, 1). Any number of trailing spatial dims works, including none.
+
+The student is any callable `student(x_t, sigma, cond) -> policy`; the teacher is any callable
+`teacher(x_t, sigma, cond) -> u`. Nothing here knows about SiT, FLUX or Qwen-Image.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.utils.checkpoint
+
+
+def _fail(name, given, accepted):
+    raise ValueError(f"{name}={given!r} is not accepted; expected {accepted}")
+
+
+#################################################################################
+#                     1. Conventions and time shifting (§2, B.4)                #
+#################################################################################
+
+def expand_as_batch(v, x):
+    """View a per-sample value v of shape (B,) (or a scalar) as (B, 1, 1, ...) to broadcast against x."""
+    v = torch.as_tensor(v, device=x.device)
+    if v.dim() == 0:
+        v = v.expand(x.shape[0])
+    return v.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def as_batch(v, x, dtype=None):
+    """A scalar, 0-d or (B,) value as a (B,) tensor on x's device."""
+    v = torch.as_tensor(v, device=x.device, dtype=dtype or torch.promote_types(x.dtype, torch.float32))
+    return v.expand(x.shape[0]) if v.dim() == 0 else v
+
+
+def warp_time(tau, shift=1.0):
+    """Time shift (App. B.4, Alg. 2 line 6): sigma = m tau / (1 + (m - 1) tau)."""
+    return shift * tau / (1 + (shift - 1) * tau)
+
+
+def unwarp_time(sigma, shift=1.0):
+    """Inverse time shift: tau = sigma / (m + (1 - m) sigma)."""
+    return sigma / (shift + (1 - shift) * sigma)
+
+
+def diffuse(x0, noise, sigma):
+    """Forward diffusion (§2): x_sigma = (1 - sigma) x0 + sigma eps."""
+    s = expand_as_batch(sigma, x0)
+    return (1 - s) * x0 + s * noise
+
+
+def u_to_x0(x_t, sigma, u):
+    """x0 = x_t - sigma u (u-to-x0 reparameterisation, §2 Eq. 2)."""
+    return x_t - expand_as_batch(sigma, x_t) * u
+
+
+def x0_to_u(x_t, sigma, x0):
+    """u = (x_t - x0) / sigma."""
+    return (x_t - x0) / expand_as_batch(sigma, x_t)
+
+
+def nfe_schedule(nfe, shift=1.0, final_step_scale=1.0):
+    """Few-step boundaries (Alg. 2 line 2, App. B.4): NFE-1 raw steps of size D, then one of size s*D.
+
+    D = 1 / (NFE - 1 + s). Returns float64 (taus, sigmas), each of length nfe + 1, from 1 down to 0.
+    Example: nfe=4, s=0.5 gives taus 1, 5/7, 3/7, 1/7, 0.
+    """
+    if not (isinstance(nfe, int) and nfe >= 1):
+        _fail("nfe", nfe, "an integer >= 1")
+    if not 0 < final_step_scale <= 1:
+        _fail("final_step_scale", final_step_scale, "a value in (0, 1]")
+    if not shift > 0:
+        _fail("shift", shift, "a value > 0")
+    delta = 1.0 / (nfe - 1 + final_step_scale)
+    taus = torch.tensor([max(1.0 - i * delta, 0.0) for i in range(nfe)] + [0.0], dtype=torch.float64)
+    return taus, warp_time(taus, shift)
+
+
+def _sigma_src(sigma_src, x_src):
+    """Validate the source noise level of a policy: sigma_src in (0, 1], shape (B,)."""
+    sigma_src = as_batch(sigma_src, x_src)
+    if sigma_src.shape != (x_src.shape[0],):
+        _fail("sigma_src.shape", tuple(sigma_src.shape), f"a scalar or ({x_src.shape[0]},)")
+    if bool(((sigma_src <= 0) | (sigma_src > 1)).any()):
+        _fail("sigma_src", sigma_src.tolist(), "values in (0, 1]")
+    return sigma_src
+
+
+#################################################################################
+#                         2. DX policy (§3.1)                                   #
+#################################################################################
+
+class DXPolicy:
+    """Dynamic-x0 policy (§3.1): pi(x_t, t) = (x_t - x0_hat(t)) / t, x0_hat linearly interpolated on a grid.
+
+    One student call predicts N u-space outputs; each becomes an x0 grid point with the *source* noise level
+    (x0_i = x_src - sigma_src u_i). Grid point i sits at raw time tau_dst + i/(N-1) * seg with
+    tau_dst = max(tau_src - segment_size, 0): index 0 is the low-noise end, index N-1 the source. Keep
+    segment_size and shift at their training values when sampling with another NFE (recipe §3).
+    """
+
+    def __init__(self, grid_u, x_src, sigma_src, segment_size, shift=1.0, eps=1e-4):
+        dtype = torch.promote_types(grid_u.dtype, torch.float32)
+        if grid_u.dim() != x_src.dim() + 1 or grid_u.shape[2:] != x_src.shape[1:]:
+            _fail("grid_u.shape", tuple(grid_u.shape), f"(B, N, {', '.join(map(str, x_src.shape[1:]))})")
+        if not segment_size > 0:
+            _fail("segment_size", segment_size, "a raw-time length > 0")
+        self.x_src = x_src.to(dtype)                                            # (B, C, H, W)
+        self.sigma_src = _sigma_src(sigma_src, self.x_src)                      # (B,)
+        self.shift, self.eps, self.segment_size = shift, eps, segment_size
+        self.x0_grid = u_to_x0(self.x_src.unsqueeze(1), self.sigma_src, grid_u.to(dtype))  # (B, N, C, H, W)
+        tau_src = unwarp_time(self.sigma_src, shift)
+        self.tau_dst = (tau_src - segment_size).clamp(min=0)                    # (B,)
+        self.seg = (tau_src - self.tau_dst).clamp(min=eps)                      # (B,)
+
+    def x0(self, sigma_t):
+        """x0_hat(t): linear interpolation over the grid in raw time."""
+        B, N = self.x0_grid.shape[:2]
+        if N == 1:
+            return self.x0_grid[:, 0]
+        tau = unwarp_time(as_batch(sigma_t, self.x_src), self.shift)
+        p = ((tau - self.tau_dst) / self.seg).clamp(0, 1) * (N - 1)             # (B,) fractional grid index
+        i0 = p.floor().clamp(0, N - 2).long()
+        w = expand_as_batch(p - i0, self.x_src)
+        b = torch.arange(B, device=p.device)
+        return (1 - w) * self.x0_grid[b, i0] + w * self.x0_grid[b, i0 + 1]      # (B, C, H, W)
+
+    def velocity(self, x_t, sigma_t):
+        """pi(x_t, t) = (x_t - x0_hat(t)) / t (§3.1)."""
+        sigma_t = as_batch(sigma_t, x_t)
+        return (x_t - self.x0(sigma_t)) / expand_as_batch(sigma_t.clamp(min=self.eps), x_t)
+
+    def detach(self):
+        new = object.__new__(DXPolicy)
+        new.__dict__.update(self.__dict__)
+        new.x0_grid = self.x0_grid.detach()
+        return new
+
+
+#################################################################################
+#            3. GMFlow policy: closed-form GM posterior (§3.2, App. F)          #
+#################################################################################
+
+def gm_posterior_mean(x_t, sigma_t, x_src, sigma_src, means_x, logweights, var_x, eps=1e-6):
+    """E[x0 | x_t] under the GM prior q(x0 | x_src) (App. F, Eq. 22-27; Eq. 29-30 as var_x -> 0).
+
+    q(x0 | x_src) = sum_k A_k N(x0; mu_k, s_x^2 I) per pixel. Conditioning on a later state x_t multiplies each
+    component by the likelihood ratio p(x_t | x0) / p(x_src | x0) = exp(-zeta/2 |x0|^2 + nu . x0) (up to
+    constants), with natural parameters (the paper's zeta, nu divided by sigma_src^2 sigma_t^2):
+        zeta = (alpha_t / sigma_t)^2 - (alpha_src / sigma_src)^2
+        nu   = alpha_t x_t / sigma_t^2 - alpha_src x_src / sigma_src^2
+    Each component stays Gaussian (Eq. 23-25): mu'_k = (mu_k + s_x^2 nu) / (1 + s_x^2 zeta), and its
+    log-weight moves by a'_k - log A_k = (mu_k . nu - zeta/2 |mu_k|^2) / (1 + s_x^2 zeta) (Eq. 26-27, with the
+    terms that do not depend on k dropped). Nothing divides by zeta, which -> 0 as t -> t_src, and
+    var_x = 0 gives the discrete limit (Eq. 29-30) without special cases.
+    Shapes: x_t, x_src (B, C, *sp); means_x (B, K, C, *sp); logweights (B, K, 1, *sp); var_x (B, 1, 1, *1).
+    """
+    dtype = torch.promote_types(means_x.dtype, torch.float32)
+    x_t, x_src = x_t.to(dtype), x_src.to(dtype)
+    s_t = expand_as_batch(as_batch(sigma_t, x_t, dtype), x_t).clamp(min=eps)       # (B, 1, 1, 1)
+    s_src = expand_as_batch(as_batch(sigma_src, x_t, dtype), x_t).clamp(min=eps)
+    r_t, r_src = (1 - s_t) / s_t, (1 - s_src) / s_src                               # alpha / sigma
+    zeta = (r_t ** 2 - r_src ** 2).unsqueeze(1)                                     # (B, 1, 1, 1, 1)
+    nu = (r_t * x_t / s_t - r_src * x_src / s_src).unsqueeze(1)                     # (B, 1, C, H, W)
+    denom = (var_x * zeta + 1).clamp(min=eps)                                       # (B, 1, 1, 1, 1)
+    mu_post = (var_x * nu + means_x) / denom                                        # (B, K, C, H, W)  Eq. 25
+    logits = logweights + (means_x * (nu - 0.5 * zeta * means_x)).sum(2, keepdim=True) / denom  # Eq. 27
+    A_post = torch.softmax(logits, dim=1)                                           # (B, K, 1, H, W)  Eq. 26
+    return (A_post * mu_post).sum(1)                                                # (B, C, H, W)
+
+
+class GMPolicy:
+    """GMFlow policy (§3.2): the student predicts a per-pixel GM over u; its velocity is closed form (Eq. 28).
+
+    Construct from the u-space head outputs (means, logweights, logstds) at the student's input (x_src,
+    sigma_src); Eq. 21 converts them to the x0-space mixture q(x0 | x_src) = sum_k A_k N(mu_x_k, s_x^2 I)
+    with mu_x_k = x_src - sigma_src mu_k and s_x = sigma_src s. The policy is valid for any sigma_t <= sigma_src.
+    """
+
+    def __init__(self, means, logweights, logstds, x_src, sigma_src, eps=1e-6):
+        dtype = torch.promote_types(means.dtype, torch.float32)
+        x_src = x_src.to(dtype)
+        sigma_src = _sigma_src(sigma_src, x_src)
+        s = expand_as_batch(sigma_src, means)                                  # (B, 1, 1, 1, 1)
+        means_x = x_src.unsqueeze(1) - s * means.to(dtype)                     # (B, K, C, H, W)  Eq. 21
+        var_x = torch.exp(2 * logstds.to(dtype)) * s ** 2                      # (B, 1, 1, 1, 1)  s_x^2
+        self._set(means_x, logweights.to(dtype), var_x, x_src, sigma_src, eps)
+
+    @classmethod
+    def from_x0(cls, means_x, logweights, var_x, x_src, sigma_src, eps=1e-6):
+        """Build the policy from x0-space parameters directly (e.g. a known data GM with sigma_src = 1)."""
+        self = object.__new__(cls)
+        dtype = torch.promote_types(means_x.dtype, torch.float32)
+        x_src = x_src.to(dtype)
+        var_x = torch.as_tensor(var_x, dtype=dtype, device=means_x.device)
+        if var_x.dim() == 0:
+            var_x = var_x.expand(means_x.shape[0])
+        var_x = var_x.reshape(-1, *([1] * (means_x.dim() - 1)))
+        self._set(means_x.to(dtype), logweights.to(dtype), var_x, x_src, _sigma_src(sigma_src, x_src), eps)
+        return self
+
+    def _set(self, means_x, logweights, var_x, x_src, sigma_src, eps):
+        if means_x.dim() != x_src.dim() + 1 or means_x.shape[2:] != x_src.shape[1:]:
+            _fail("means.shape", tuple(means_x.shape), f"(B, K, {', '.join(map(str, x_src.shape[1:]))})")
+        if logweights.shape[:2] != means_x.shape[:2] or logweights.shape[2] != 1:
+            _fail("logweights.shape", tuple(logweights.shape),
+                  f"(B, K, 1, ...) with B, K = {tuple(means_x.shape[:2])} from means")
+        self.means_x, self.logweights, self.var_x = means_x, logweights, var_x
+        self.x_src, self.sigma_src, self.eps = x_src, sigma_src, eps
+        self.checkpoint = True  # recompute the posterior in backward instead of storing (B, K, C, H, W) temps
+
+    def _replace(self, **fields):
+        new = object.__new__(GMPolicy)
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(fields)
+        return new
+
+    def posterior_mean(self, x_t, sigma_t):
+        """E[x0 | x_t] of the policy's denoising posterior (Eq. 22-27)."""
+        args = (x_t, as_batch(sigma_t, x_t), self.x_src, self.sigma_src, self.means_x, self.logweights,
+                self.var_x, self.eps)
+        if self.checkpoint and torch.is_grad_enabled() and self.means_x.requires_grad:
+            return torch.utils.checkpoint.checkpoint(gm_posterior_mean, *args, use_reentrant=False)
+        return gm_posterior_mean(*args)
+
+    def velocity(self, x_t, sigma_t):
+        """pi(x_t, t) = (x_t - E[x0 | x_t]) / t (Eq. 28)."""
+        sigma_t = as_batch(sigma_t, x_t)
+        x0 = self.posterior_mean(x_t, sigma_t)
+        return (x_t.to(x0.dtype) - x0) / expand_as_batch(sigma_t.clamp(min=self.eps), x0)
+
+    def detach(self):
+        """The stop-gradient policy pi_D (Alg. 1 line 4)."""
+        return self._replace(means_x=self.means_x.detach(), logweights=self.logweights.detach(),
+                             var_x=self.var_x.detach(), x_src=self.x_src.detach())
+
+    def dropout(self, p, generator=None):
+        """GM dropout (§5.1): drop each component with probability p, one mask per sample shared by all pixels.
+
+        The kept weights are renormalised; a sample whose components would all be dropped keeps all of them.
+        """
+        if not 0 <= p < 1:
+            _fail("gm_dropout", p, "a probability in [0, 1)")
+        if p == 0:
+            return self
+        B, K = self.logweights.shape[:2]
+        shape = (B, K) + (1,) * (self.logweights.dim() - 2)
+        drop = torch.rand(shape, generator=generator, device=self.logweights.device) < p  # (B, K, 1, 1, 1)
+        drop &= ~drop.all(dim=1, keepdim=True)                                 # never drop every component
+        logweights = torch.log_softmax(self.logweights.masked_fill(drop, float("-inf")), dim=1)
+        return self._replace(logweights=logweights)
+
+    def temperature(self, T):
+        """GM temperature (App. B.1, Eq. 4): A_k -> A_k^(1/T) renormalised, s^2 -> s^2 T (means unchanged)."""
+        if not T > 0:
+            _fail("temperature", T, "a value > 0")
+        if T == 1:
+            return self
+        return self._replace(logweights=torch.log_softmax(self.logweights / T, dim=1), var_x=self.var_x * T)
+
+
+#################################################################################
+#                  4. Policy rollout (Alg. 1 line 7, §4)                        #
+#################################################################################
+
+def rollout_substeps(tau_from, tau_to, total_substeps=128):
+    """Substeps for a raw-time interval: max(1, round(total_substeps * (tau_from - tau_to))), per sample."""
+    return torch.round(total_substeps * (tau_from - tau_to)).clamp(min=1).long()
+
+
+def _rollout(policy, x, tau_from, tau_to, shift, total_substeps, backend="auto"):
+    """Euler integration of dx/dsigma = pi(x, sigma) on a per-sample grid uniform in raw time (unchecked)."""
+    if backend != "torch" and not torch.is_grad_enabled():
+        if backend == "fused" or x.is_cuda:
+            try:
+                import piflow_kernels
+                out = piflow_kernels.fused_policy_rollout(policy, x, tau_from, tau_to, shift, total_substeps)
+            except ImportError:
+                if backend == "fused":
+                    raise
+                out = None
+            if out is not None:
+                return out
+            if backend == "fused":
+                raise ValueError("backend='fused' cannot handle this policy/device; use backend='auto' or 'torch'")
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    tau_from, tau_to = as_batch(tau_from, x), as_batch(tau_to, x)
+    n = rollout_substeps(tau_from, tau_to, total_substeps)                     # (B,)
+    dtau = (tau_from - tau_to) / n
+    sigma = warp_time(tau_from, shift)
+    for i in range(int(n.max())):
+        active = i < n                                                          # (B,) samples still moving
+        tau_next = torch.where(i + 1 == n, tau_to, tau_from - (i + 1) * dtau)
+        sigma_next = warp_time(tau_next, shift)
+        u = policy.velocity(x, sigma)
+        x = torch.where(expand_as_batch(active, x), x + u * expand_as_batch(sigma_next - sigma, x), x)
+        sigma = torch.where(active, sigma_next, sigma)
+    return x
+
+
+def policy_rollout(policy, x, tau_from, tau_to, shift=1.0, total_substeps=128, backend="auto"):
+    """Roll a policy out from raw time tau_from to tau_to (Alg. 1 line 7): x_dst = x + int pi(x_t, t) dt.
+
+    Explicit Euler in sigma on a grid uniform in raw time, max(1, round(128 * dtau)) substeps per sample
+    (step 1/128 as in §4). backend: 'auto' (fused kernel on CUDA without grad when piflow_kernels is
+    available, else PyTorch), 'torch', or 'fused'.
+    """
+    if backend not in ("auto", "torch", "fused"):
+        _fail("backend", backend, "'auto', 'torch' or 'fused'")
+    if not (isinstance(total_substeps, int) and total_substeps >= 1):
+        _fail("total_substeps", total_substeps, "an integer >= 1")
+    tau_from, tau_to = as_batch(tau_from, x), as_batch(tau_to, x)
+    if bool(((tau_from > 1) | (tau_to < 0)).any()):
+        _fail("tau_from/tau_to", (tau_from.tolist(), tau_to.tolist()), "raw times in [0, 1]")
+    if bool((tau_to >= tau_from).any()):
+        _fail("tau_to", tau_to.tolist(), f"values < tau_from={tau_from.tolist()} (t_dst < t_src)")
+    return _rollout(policy, x, tau_from, tau_to, shift, total_substeps, backend)
+
+
+#################################################################################
+#           5. π-ID: policy-based imitation distillation (§4, App. B)          #
+#################################################################################
+
+@dataclass(frozen=True)
+class PiIDConfig:
+    nfe: int = 1                   # student steps per trajectory (NFE)
+    shift: float = 1.0             # time shift m: 1.0 on ImageNet, 3.2 on FLUX / Qwen-Image
+    final_step_scale: float = 1.0  # raw size of the last step relative to the others (0.5 on FLUX / Qwen)
+    total_substeps: int = 128      # policy substeps per unit raw time (step 1/128)
+    num_intermediate: int = 2      # intermediate states (teacher queries) per student call
+    window_substeps: int = 0       # micro-window size in substeps (Eq. 6): 0 on ImageNet GM, 3 on T2I
+    gm_dropout: float = 0.0        # GM dropout on the detached rollout policy: 0.05 ImageNet, 0.1 T2I
+    loss_scale: float = 1.0        # constant loss multiplier: 3 on ImageNet, 30 on T2I
+    decay_iters: int = 0           # trajectory mixing (Eq. 5): teacher ratio 1 -> 0 over this many steps
+    eps: float = 1e-4              # raw-time floor and window-secant clamp
+    rollout_backend: str = "auto"  # 'auto' | 'torch' | 'fused' for the detached rollouts
+
+    def __post_init__(self):
+        checks = [("nfe", self.nfe >= 1 and isinstance(self.nfe, int), "an integer >= 1"),
+                  ("shift", self.shift > 0, "> 0"),
+                  ("final_step_scale", 0 < self.final_step_scale <= 1, "a value in (0, 1]"),
+                  ("total_substeps", self.total_substeps >= 1, "an integer >= 1"),
+                  ("num_intermediate", self.num_intermediate >= 1, "an integer >= 1"),
+                  ("window_substeps", self.window_substeps >= 0, "an integer >= 0"),
+                  ("gm_dropout", 0 <= self.gm_dropout < 1, "a probability in [0, 1)"),
+                  ("decay_iters", self.decay_iters >= 0, "an integer >= 0"),
+                  ("rollout_backend", self.rollout_backend in ("auto", "torch", "fused"), "auto|torch|fused")]
+        for name, ok, accepted in checks:
+            if not ok:
+                _fail(name, getattr(self, name), accepted)
+
+
+def _cat_cond(a, b):
+    """Concatenate two conditions along the batch (tensors, dicts of them, or None); batch-1 `a` is expanded."""
+    if a is None or b is None:
+        return b if a is None else a
+    if isinstance(a, dict):
+        return {k: _cat_cond(a[k], b[k]) for k in b}
+    if isinstance(a, torch.Tensor):
+        if a.shape[0] == 1 and b.shape[0] != 1:
+            a = a.expand(b.shape[0], *a.shape[1:])
+        return torch.cat([a, b])
+    return b
+
+
+def guided_teacher(teacher, guidance, null_cond, interval=(0.0, 1.0)):
+    """Teacher with classifier-free guidance on an interval (Kynkäänniemi et al. 2024; recipe §4.8).
+
+    u = u_null + w (u_cond - u_null), where w = guidance if lo <= sigma <= hi (per sample, inclusive), else 1.
+    """
+    lo, hi = interval
+
+    def guided(x_t, sigma, cond):
+        if guidance == 1:
+            return teacher(x_t, sigma, cond)
+        sigma = as_batch(sigma, x_t)
+        u = teacher(torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), _cat_cond(null_cond, cond))
+        u_null, u_cond = u.chunk(2)
+        w = torch.where((sigma >= lo) & (sigma <= hi), float(guidance), 1.0)    # (B,)
+        return u_null + expand_as_batch(w, u_cond).to(u_cond.dtype) * (u_cond - u_null)
+    return guided
+
+
+def teacher_ratio(step, decay_iters):
+    """Scheduled trajectory mixing (App. B.2): teacher share of each segment, linear from 1 to 0."""
+    return 1.0 - min(step, decay_iters) / decay_iters if decay_iters > 0 else 0.0
+
+
+def sample_segment(batch, cfg, generator=None, device=None):
+    """Pick the NFE segment [tau_src - seg, tau_src] of each sample (Alg. 2 lines 3-5).
+
+    tau' ~ U(0, 1] selects the segment containing it, so segments are chosen with probability proportional to
+    their raw length (the shortened final step is chosen less often). Returns tau_src (B,) and seg (B,).
+    """
+    s = max(cfg.final_step_scale, cfg.eps)
+    delta = 1.0 / (cfg.nfe - (1 - s))
+    tau_p = (1 - torch.rand(batch, generator=generator, device=device, dtype=torch.float64)).clamp(min=cfg.eps)
+    idx = torch.ceil(tau_p / delta + (1 - s)).clamp(1, cfg.nfe)
+    tau_src = ((idx - (1 - s)) * delta).clamp(cfg.eps, 1)
+    seg = torch.where(idx == 1, s * delta, delta)
+    return tau_src.float(), seg.float()
+
+
+def average_velocity(policy, x_a, tau_a, tau_end, cfg):
+    """Learner velocity over [tau_a, tau_end]: micro-window (Eq. 6) / mixing (Eq. 5) average, else local.
+
+    The average is the sigma-space secant (x_a - x_end) / (sigma_a - sigma_end) of a gradient-carrying Euler
+    rollout of the learner policy. Windows shorter than 2 substeps use the instantaneous pi(x_a, t_a) (Alg. 1).
+    """
+    sigma_a = warp_time(tau_a, cfg.shift)
+    local = policy.velocity(x_a, sigma_a)
+    use_avg = rollout_substeps(tau_a, tau_end, cfg.total_substeps) >= 2       # (B,)
+    if not bool(use_avg.any()):
+        return local
+    tau_end = torch.where(use_avg, tau_end, tau_a - 1.0 / cfg.total_substeps).clamp(min=0)
+    x_end = _rollout(policy, x_a, tau_a, tau_end, cfg.shift, cfg.total_substeps, backend="torch")
+    d_sigma = (sigma_a - warp_time(tau_end, cfg.shift)).clamp(min=cfg.eps)
+    avg = (x_a.to(x_end.dtype) - x_end) / expand_as_batch(d_sigma, x_end)
+    return torch.where(expand_as_batch(use_avg, avg), avg, local)
+
+
+def piid_segment_loss(policy, teacher, cond, tau_src, seg, cfg, ratio=0.0, generator=None, return_x_dst=False):
+    """π-ID on one NFE segment (Alg. 1 lines 4-8, with Eq. 5 mixing and Eq. 6 micro-window).
+
+    policy: the learner pi = G_phi(x_src, t_src) (carries x_src, sigma_src); tau_src, seg: (B,) raw times.
+    n intermediate times are drawn in [tau_src - (seg - w), tau_src] (w = micro-window) and visited in order
+    by a chained rollout of the detached (dropped-out) policy pi_D; with teacher ratio r > 0, a share r of the
+    segment is instead covered by n teacher Euler steps of Dirichlet-random length (behaviour cloning at r = 1).
+    At each state the learner's (window-)average velocity is matched to the teacher's velocity.
+    Returns the per-sample loss (B,) = loss_scale * mean_n 1/2 mean_pixels |pi - G_theta|^2, and, if asked,
+    x_dst: the detached policy's rollout to the segment end (for data-free training, Alg. 3 line 14).
+    """
+    x_src = policy.x_src
+    B, dev, n = x_src.shape[0], x_src.device, cfg.num_intermediate
+    tau_src, seg = as_batch(tau_src, x_src), as_batch(seg, x_src)
+    substep = seg / rollout_substeps(seg, 0, cfg.total_substeps)
+    window = torch.minimum(cfg.window_substeps * substep, seg)               # (B,) raw micro-window
+    free = seg - window                                                       # room left for the states
+    pi_D = policy.detach()
+    if cfg.gm_dropout > 0 and isinstance(pi_D, GMPolicy):
+        pi_D = pi_D.dropout(cfg.gm_dropout, generator)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=generator, device=dev, dtype=x_src.dtype)
+    # on-policy gaps: sorted uniforms on [0, (1 - r) free]; teacher gaps: Dirichlet(1, ..., 1) * r * free
+    student_gaps = torch.diff(rand(n, B).sort(0).values * (1 - ratio) * free, dim=0, prepend=torch.zeros(1, B, device=dev))
+    cuts = torch.cat([torch.zeros(1, B, device=dev), rand(n - 1, B).sort(0).values, torch.ones(1, B, device=dev)])
+    teacher_gaps = torch.diff(cuts, dim=0) * ratio * free                     # (n, B)
+
+    x_last, tau_last, losses = x_src, tau_src, []
+    for i in range(n):
+        tau_a = (tau_last - student_gaps[i]).clamp(min=0)
+        tau_b = (tau_a - teacher_gaps[i]).clamp(min=0)
+        with torch.no_grad():
+            x_a = _rollout(pi_D, x_last, tau_last, tau_a, cfg.shift, cfg.total_substeps, cfg.rollout_backend)
+            sigma_a = warp_time(tau_a, cfg.shift)
+            u_teacher = teacher(x_a, sigma_a, cond).to(x_a.dtype)            # G_theta(x_t, t)
+        pred = average_velocity(policy, x_a, tau_a, (tau_b - window).clamp(min=0), cfg)
+        losses.append(0.5 * (pred - u_teacher).pow(2).flatten(1).mean(1))     # (B,)
+        with torch.no_grad():                                                 # teacher Euler step (Eq. 5)
+            x_last = x_a + u_teacher * expand_as_batch(warp_time(tau_b, cfg.shift) - sigma_a, x_a)
+        tau_last = tau_b
+    loss = cfg.loss_scale * torch.stack(losses).mean(0)                       # (B,)
+    x_dst = None
+    if return_x_dst:
+        with torch.no_grad():
+            x_dst = _rollout(pi_D, x_last, tau_last, (tau_src - seg).clamp(min=0), cfg.shift,
+                             cfg.total_substeps, cfg.rollout_backend)
+    return loss, x_dst
+
+
+def piid_data_dependent(student, teacher, x0, cond, cfg, step=0, generator=None):
+    """Data-dependent on-policy π-ID with time shifting (Alg. 2): x_src by forward diffusion of real data."""
+    B = x0.shape[0]
+    tau_src, seg = sample_segment(B, cfg, generator, x0.device)
+    sigma_src = warp_time(tau_src, cfg.shift)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    x_src = diffuse(x0, noise, sigma_src)                                     # Alg. 2 line 7
+    policy = student(x_src, sigma_src, cond)                                  # Alg. 2 line 8
+    loss, _ = piid_segment_loss(policy, teacher, cond, tau_src, seg, cfg,
+                                teacher_ratio(step, cfg.decay_iters), generator)
+    return loss.mean()
+
+
+def piid_data_free(student, teacher, noise, cond, cfg, step=0, generator=None, backward=None):
+    """Data-free on-policy π-ID with time shifting (Alg. 3): states come from the student's own rollout.
+
+    Walks all NFE segments from pure noise; each segment's loss is weighted by its raw length
+    (tau_src - tau_dst). If `backward` is given it is called on each segment's loss (gradients accumulate,
+    no graph is kept across segments, as in the official code) and the returned total is detached.
+    """
+    taus, _ = nfe_schedule(cfg.nfe, cfg.shift, cfg.final_step_scale)
+    ratio = teacher_ratio(step, cfg.decay_iters)
+    x, total = noise, 0.0
+    for i in range(cfg.nfe):
+        tau_src = as_batch(float(taus[i]), noise)
+        seg = as_batch(float(taus[i] - taus[i + 1]), noise)
+        policy = student(x, warp_time(tau_src, cfg.shift), cond)
+        loss, x = piid_segment_loss(policy, teacher, cond, tau_src, seg, cfg, ratio, generator, return_x_dst=True)
+        loss = loss.mean() * float(taus[i] - taus[i + 1])
+        if backward is not None:
+            backward(loss)
+            loss = loss.detach()
+        total = total + loss
+    return total
+
+
+#################################################################################
+#                        6. Few-step sampler (§3, B.1)                          #
+#################################################################################
+
+def auto_temperature(nfe):
+    """The released pipelines' 'auto' GM temperature: clip(0.1 (NFE - 1), 0, 1) (0.3 at 4 NFE, 0.7 at 8)."""
+    return min(max(0.1 * (nfe - 1), 0.0), 1.0)
+
+
+@torch.no_grad()
+def sample(student, noise, cond, nfe, shift=1.0, final_step_scale=1.0, temperature=None, total_substeps=128,
+           backend="auto", progress=False):
+    """π-Flow sampling: NFE student calls, each followed by a dense policy rollout (§3, Fig. 2c).
+
+    Any nfe >= 1 works for a GM student (elastic inference). temperature: None (off), a value > 0, or 'auto';
+    it is applied to GM policies on every step but the last (App. B.1).
+    """
+    taus, _ = nfe_schedule(nfe, shift, final_step_scale)
+    T = auto_temperature(nfe) if temperature == "auto" else temperature
+    if T is not None and not (isinstance(T, (int, float)) and T > 0):
+        _fail("temperature", temperature, "None, 'auto' or a value > 0")
+    steps = range(nfe)
+    if progress:
+        from tqdm import tqdm
+        steps = tqdm(steps, desc="pi-Flow sampling")
+    x = noise
+    for i in steps:
+        tau_src, tau_dst = as_batch(float(taus[i]), x), as_batch(float(taus[i + 1]), x)
+        policy = student(x, warp_time(tau_src, shift), cond)
+        if T is not None and i < nfe - 1 and isinstance(policy, GMPolicy):
+            policy = policy.temperature(T)
+        x = _rollout(policy, x, tau_src, tau_dst, shift, total_substeps, backend)
+    return x
+
+
+#################################################################################
+#                      7. EMA (Karras et al. 2024 power schedule)               #
+#################################################################################
+
+def ema_beta(step, gamma=7.0, start=0):
+    """EMA decay at `step`: 0 (copy) before `start`, then (1 - 1/(step + 1 - start))^(gamma + 1)."""
+    if step < start:
+        return 0.0
+    return min((1 - 1 / max(step + 1 - start, 1)) ** (gamma + 1), 1.0)
+
+
+@torch.no_grad()
+def ema_update(ema_model, model, beta):
+    """ema <- beta ema + (1 - beta) theta for parameters; buffers are copied."""
+    params = dict(model.named_parameters())
+    for name, p_ema in ema_model.named_parameters():
+        p_ema.lerp_(params[name].to(p_ema.dtype), 1 - beta)
+    buffers = dict(model.named_buffers())
+    for name, b_ema in ema_model.named_buffers():
+        b_ema.copy_(buffers[name])
