@@ -55,8 +55,9 @@ def as_batch(v, x, dtype=None):
 
 
 def warp_time(tau, shift=1.0):
-    """Time shift (App. B.4, Alg. 2 line 6): sigma = m tau / (1 + (m - 1) tau)."""
-    return shift * tau / (1 + (shift - 1) * tau)
+    """Time shift (App. B.4, Alg. 2 line 6): sigma = m tau / (1 + (m - 1) tau), kept in [0, 1] under round-off."""
+    sigma = shift * tau / (1 + (shift - 1) * tau)
+    return sigma.clamp(max=1) if isinstance(sigma, torch.Tensor) else min(sigma, 1.0)
 
 
 def unwarp_time(sigma, shift=1.0):
