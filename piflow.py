@@ -191,6 +191,15 @@ def gm_posterior_mean(x_t, sigma_t, x_src, sigma_src, means_x, logweights, var_x
     return (A_post * mu_post).sum(1)                                                # (B, C, H, W)
 
 
+def _check_gm_shapes(means, logweights, x_src):
+    """means (B, K, C, *sp) and logweights (B, K, 1, *sp) must agree with each other and with x_src (B, C, *sp)."""
+    if means.dim() != x_src.dim() + 1 or means.shape[0] != x_src.shape[0] or means.shape[2:] != x_src.shape[1:]:
+        _fail("means.shape", tuple(means.shape), f"(B, K, {', '.join(map(str, x_src.shape[1:]))}) with B = {x_src.shape[0]}")
+    if logweights.shape != means.shape[:2] + (1,) + means.shape[3:]:
+        _fail("logweights.shape", tuple(logweights.shape), f"{tuple(means.shape[:2]) + (1,) + tuple(means.shape[3:])}"
+              " (same B and K as means, one weight per pixel)")
+
+
 class GMPolicy:
     """GMFlow policy (§3.2): the student predicts a per-pixel GM over u; its velocity is closed form (Eq. 28).
 
@@ -200,6 +209,7 @@ class GMPolicy:
     """
 
     def __init__(self, means, logweights, logstds, x_src, sigma_src, eps=1e-6):
+        _check_gm_shapes(means, logweights, x_src)
         dtype = torch.promote_types(means.dtype, torch.float32)
         x_src = x_src.to(dtype)
         sigma_src = _sigma_src(sigma_src, x_src)
@@ -211,6 +221,7 @@ class GMPolicy:
     @classmethod
     def from_x0(cls, means_x, logweights, var_x, x_src, sigma_src, eps=1e-6):
         """Build the policy from x0-space parameters directly (e.g. a known data GM with sigma_src = 1)."""
+        _check_gm_shapes(means_x, logweights, x_src)
         self = object.__new__(cls)
         dtype = torch.promote_types(means_x.dtype, torch.float32)
         x_src = x_src.to(dtype)
@@ -222,11 +233,6 @@ class GMPolicy:
         return self
 
     def _set(self, means_x, logweights, var_x, x_src, sigma_src, eps):
-        if means_x.dim() != x_src.dim() + 1 or means_x.shape[2:] != x_src.shape[1:]:
-            _fail("means.shape", tuple(means_x.shape), f"(B, K, {', '.join(map(str, x_src.shape[1:]))})")
-        if logweights.shape[:2] != means_x.shape[:2] or logweights.shape[2] != 1:
-            _fail("logweights.shape", tuple(logweights.shape),
-                  f"(B, K, 1, ...) with B, K = {tuple(means_x.shape[:2])} from means")
         self.means_x, self.logweights, self.var_x = means_x, logweights, var_x
         self.x_src, self.sigma_src, self.eps = x_src, sigma_src, eps
         self.checkpoint = True  # recompute the posterior in backward instead of storing (B, K, C, H, W) temps
