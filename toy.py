@@ -1,0 +1,415 @@
+"""Toy ImageNet: an exact class-conditional Gaussian-mixture image dataset, its closed-form teacher, a tiny
+student, metrics, and a CPU lab that checks the paper's claims.
+
+    python toy.py lab --quick          # ~3 min on 2 CPU cores: the claims table (markdown + PNG) in runs/lab_quick/
+    python toy.py lab                  # the full table (longer training per row) in runs/lab/
+
+Data: x0 (1, 8, 8) images. Each of 10 classes is a mixture of 4 prototype images (smooth random patterns in
+[-1, 1], fixed by a seed in code) with within-class weights 0.4/0.3/0.2/0.1 and per-pixel noise std 0.1.
+So p(x0 | c) is a GM over the whole flattened image and the teacher velocity E[eps - x0 | x_t] is exact: it is
+the GM posterior of piflow.GMPolicy.from_x0 with sigma_src = 1 (the whole image is one 64-channel "pixel").
+The unconditional teacher (cond = NUM_CLASSES, the null class) uses the class-averaged mixture, so CFG works
+through piflow.guided_teacher. The teacher ODE is solved to high accuracy with scipy (solve_ivp, DOP853).
+"""
+import argparse
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import piflow
+
+NUM_CLASSES, PROTOS_PER_CLASS, IMG = 10, 4, (1, 8, 8)
+CLASS_WEIGHTS = (0.4, 0.3, 0.2, 0.1)   # within-class prototype weights (non-uniform, so mode coverage matters)
+NOISE_STD = 0.1                         # per-pixel std of each mixture component
+
+
+#################################################################################
+#                      Data: an exact Gaussian mixture over images              #
+#################################################################################
+
+class ToyData:
+    """p(x0 | c) = sum_j w_cj N(x0; m_j, NOISE_STD^2 I), J = NUM_CLASSES * PROTOS_PER_CLASS prototypes m_j."""
+
+    def __init__(self, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        J, (C, H, W) = NUM_CLASSES * PROTOS_PER_CLASS, IMG
+        coarse = torch.randn(J, C, 3, 3, generator=g, dtype=torch.float64)
+        smooth = F.interpolate(coarse, size=(H, W), mode="bicubic", align_corners=True)
+        self.protos = torch.tanh(1.5 * smooth)                               # (J, C, H, W) in [-1, 1]
+        self.proto_class = torch.arange(J) // PROTOS_PER_CLASS                # (J,)
+        w = torch.tensor(CLASS_WEIGHTS, dtype=torch.float64).repeat(NUM_CLASSES)
+        cond_w = torch.zeros(NUM_CLASSES + 1, J, dtype=torch.float64)
+        cond_w[self.proto_class, torch.arange(J)] = w                         # rows 0..9: p(j | c)
+        cond_w[NUM_CLASSES] = w / NUM_CLASSES                                 # row 10 (null class): p(j)
+        self.weights = cond_w                                                 # (NUM_CLASSES + 1, J)
+        self.var = NOISE_STD ** 2
+
+    def sample(self, cond, generator=None):
+        """Exact samples x0 ~ p(x0 | cond); cond (B,) LongTensor (NUM_CLASSES = unconditional)."""
+        j = torch.multinomial(self.weights[cond.cpu()], 1, generator=generator).squeeze(1)     # (B,)
+        eps = torch.randn((len(cond),) + IMG, generator=generator, dtype=torch.float64)
+        return (self.protos[j] + NOISE_STD * eps).float().to(cond.device)
+
+    def nearest_proto(self, x):
+        """Index of the nearest prototype (L2) of each image x (B, C, H, W)."""
+        return torch.cdist(x.flatten(1).double().cpu(), self.protos.flatten(1)).argmin(1)
+
+
+class ToyTeacher:
+    """Exact flow-matching teacher u(x_t, sigma | c) = E[eps - x0 | x_t, c] of the toy GM (no training needed).
+
+    Built on piflow.GMPolicy.from_x0 with sigma_src = 1 (so x_src drops out of the posterior): the flattened
+    image is a single D-channel pixel, means (B, J, D), logweights (B, J, 1), shared variance NOISE_STD^2.
+    """
+
+    def __init__(self, data):
+        self.data = data
+
+    def __call__(self, x_t, sigma, cond):
+        B, dtype = x_t.shape[0], torch.promote_types(x_t.dtype, torch.float32)
+        x = x_t.flatten(1).to(dtype)                                          # (B, D)
+        means = self.data.protos.flatten(1).to(x.device, dtype).expand(B, -1, -1)   # (B, J, D)
+        logw = self.data.weights.to(x.device, dtype)[cond].log().unsqueeze(2)       # (B, J, 1), -inf off-class
+        pi = piflow.GMPolicy.from_x0(means, logw, self.data.var, x, 1.0, eps=1e-8)
+        return pi.velocity(x, sigma).view_as(x_t).to(x_t.dtype)
+
+
+class TeacherPolicy:
+    """The teacher as a policy object, so piflow.policy_rollout integrates its ODE (fine Euler)."""
+
+    def __init__(self, teacher, cond, x_src, sigma_src):
+        self.teacher, self.cond, self.x_src, self.sigma_src = teacher, cond, x_src, sigma_src
+
+    def velocity(self, x_t, sigma_t):
+        return self.teacher(x_t, piflow.as_batch(sigma_t, x_t), self.cond)
+
+    def detach(self):
+        return self
+
+
+def teacher_ode(teacher, noise, cond, rtol=1e-7, atol=1e-8, sigma_end=1e-5):
+    """Exact teacher ODE endpoint dx/dsigma = u(x, sigma), sigma 1 -> 0, by scipy DOP853 in float64."""
+    from scipy.integrate import solve_ivp
+    shape, cond = noise.shape, cond.cpu()
+
+    def rhs(s, y):
+        x = torch.from_numpy(y).view(shape)
+        return teacher(x, torch.full((shape[0],), s, dtype=torch.float64), cond).flatten().numpy()
+    sol = solve_ivp(rhs, (1.0, sigma_end), noise.double().cpu().flatten().numpy(), method="DOP853",
+                    rtol=rtol, atol=atol)
+    x = torch.from_numpy(sol.y[:, -1]).view(shape)
+    x0 = x - sigma_end * teacher(x, torch.full((shape[0],), sigma_end, dtype=torch.float64), cond)
+    return x0.float().to(noise.device)
+
+
+@torch.no_grad()
+def teacher_euler(teacher, noise, cond, nfe, shift=1.0, final_step_scale=1.0):
+    """The teacher's own few-step Euler sampler on the same NFE schedule (Fig. 2a baseline)."""
+    _, sigmas = piflow.nfe_schedule(nfe, shift, final_step_scale)
+    x = noise
+    for i in range(nfe):
+        s = piflow.as_batch(float(sigmas[i]), x)
+        x = x + teacher(x, s, cond) * float(sigmas[i + 1] - sigmas[i])
+    return x
+
+
+#################################################################################
+#                 Student: a tiny class-conditional adaLN MLP                   #
+#################################################################################
+
+class ShortcutPolicy:
+    """Baseline 'shortcut' policy: one constant velocity per step, i.e. a straight jump x_src -> x_dst."""
+
+    def __init__(self, u, x_src, sigma_src):
+        self.u, self.x_src, self.sigma_src = u, x_src, piflow.as_batch(sigma_src, x_src)
+
+    def velocity(self, x_t, sigma_t):
+        return self.u
+
+    def detach(self):
+        return ShortcutPolicy(self.u.detach(), self.x_src, self.sigma_src)
+
+
+def timestep_embedding(sigma, dim):
+    """Sinusoidal embedding of 1000 * sigma (DiT-style)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=sigma.device) / half)
+    a = 1000 * sigma.float()[:, None] * freqs[None]
+    return torch.cat([a.cos(), a.sin()], 1)
+
+
+class Block(nn.Module):
+    """Residual MLP block with adaLN-zero conditioning."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.SiLU(), nn.Linear(2 * width, width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+        nn.init.zeros_(self.ada[1].weight), nn.init.zeros_(self.ada[1].bias)   # block starts as identity
+
+    def forward(self, h, emb):
+        shift, scale, gate = self.ada(emb).chunk(3, 1)
+        return h + gate * self.mlp(self.norm(h) * (1 + scale) + shift)
+
+
+class ToyStudent(nn.Module):
+    """Tiny class-conditional student G_phi(x_t, sigma, c) -> policy (GM, DX or shortcut head).
+
+    GM head (published layout): means (B, K, C, H, W), logweights (B, K, 1, H, W) log-softmax over K, logstds
+    (B, 1, 1, 1, 1) from SiLU-Linear-SiLU-Linear on the detached conditioning embedding (last layer weight 0,
+    bias log 0.05). No teacher head to copy, so mean heads start at weight 0 with bias noise std 0.1 and
+    logweights at 0 (uniform). DX head: N grid outputs, all N copies identical at init (recipe §3).
+    """
+
+    def __init__(self, policy="gm", K=8, N=10, width=192, depth=3, nfe=4, shift=1.0, final_step_scale=1.0,
+                 img=IMG, num_classes=NUM_CLASSES):
+        super().__init__()
+        if policy not in ("gm", "dx", "shortcut"):
+            raise ValueError(f"policy={policy!r} is not accepted; expected 'gm', 'dx' or 'shortcut'")
+        self.policy, self.K, self.N, self.img = policy, K, N, tuple(img)
+        self.shift = shift
+        self.segment_size = 1.0 / (nfe - 1 + final_step_scale)              # DX grid span (training segment)
+        C, H, W = img
+        D = C * H * W
+        self.t_emb = nn.Sequential(nn.Linear(64, width), nn.SiLU(), nn.Linear(width, width))
+        self.c_emb = nn.Embedding(num_classes + 1, width)                  # + null class (unused by default)
+        self.inp = nn.Linear(D, width)
+        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        nn.init.zeros_(self.ada[1].weight), nn.init.zeros_(self.ada[1].bias)
+        if policy == "gm":
+            self.proj_means = nn.Linear(width, K * D)
+            self.proj_logweights = nn.Linear(width, K * H * W)
+            self.proj_logstds = nn.Sequential(nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
+            nn.init.zeros_(self.proj_means.weight), nn.init.normal_(self.proj_means.bias, std=0.1)
+            nn.init.zeros_(self.proj_logweights.weight), nn.init.zeros_(self.proj_logweights.bias)
+            nn.init.zeros_(self.proj_logstds[3].weight), nn.init.constant_(self.proj_logstds[3].bias, math.log(0.05))
+        else:
+            n_out = N if policy == "dx" else 1
+            self.proj_out = nn.Linear(width, n_out * D)
+            nn.init.zeros_(self.proj_out.weight), nn.init.zeros_(self.proj_out.bias)   # N identical copies
+
+    def forward(self, x_t, sigma, cond):
+        B = x_t.shape[0]
+        sigma = piflow.as_batch(sigma, x_t)
+        emb = self.t_emb(timestep_embedding(sigma, 64)) + self.c_emb(cond)           # (B, width)
+        h = self.inp(x_t.flatten(1).to(emb.dtype))
+        for blk in self.blocks:
+            h = blk(h, emb)
+        shift, scale = self.ada(emb).chunk(2, 1)
+        h = self.norm(h) * (1 + scale) + shift                                        # (B, width)
+        C, H, W = self.img
+        if self.policy == "gm":
+            means = self.proj_means(h).view(B, self.K, C, H, W)
+            logweights = self.proj_logweights(h).view(B, self.K, 1, H, W).float().log_softmax(1)
+            logstds = self.proj_logstds(emb.detach()).view(B, 1, 1, 1, 1)
+            return piflow.GMPolicy(means, logweights, logstds, x_t, sigma)
+        if self.policy == "dx":
+            grid_u = self.proj_out(h).view(B, self.N, C, H, W)
+            return piflow.DXPolicy(grid_u, x_t, sigma, self.segment_size, self.shift)
+        return ShortcutPolicy(self.proj_out(h).view(B, C, H, W).float(), x_t, sigma)
+
+
+#################################################################################
+#                                   Metrics                                     #
+#################################################################################
+
+def teacher_alignment(x, x_teacher):
+    """Teacher alignment: MSE (per pixel) between samples and the exact teacher ODE endpoints from the same noise."""
+    return float((x.float() - x_teacher.float()).pow(2).mean())
+
+
+def mode_kl(data, x, cond):
+    """Mode coverage: KL(p_true || q) between the true mixture weights over prototypes (pooled over the labels
+    in `cond`) and the histogram q of the samples' nearest prototypes (add-0.5 smoothed). 0 = perfect coverage."""
+    J = data.protos.shape[0]
+    p = data.weights[cond.cpu()].mean(0)                                   # (J,)
+    counts = torch.bincount(data.nearest_proto(x), minlength=J).double()
+    q = (counts + 0.5) / (counts.sum() + 0.5 * J)
+    m = p > 0
+    return float((p[m] * (p[m] / q[m]).log()).sum())
+
+
+def sliced_wasserstein(data, x, cond, generator_seed=0, num_proj=128):
+    """Distribution distance: per-class sliced Wasserstein-2 distance between samples x and exact data samples
+    with the same labels (128 random unit projections, averaged over classes present in `cond`)."""
+    g = torch.Generator().manual_seed(generator_seed)
+    ref = data.sample(cond.cpu(), g).double()
+    x = x.double().cpu().flatten(1)
+    ref = ref.flatten(1)
+    proj = torch.randn(x.shape[1], num_proj, generator=g, dtype=torch.float64)
+    proj = proj / proj.norm(dim=0, keepdim=True)
+    out = []
+    for c in cond.cpu().unique():
+        m = cond.cpu() == c
+        a, b = (x[m] @ proj).sort(0).values, (ref[m] @ proj).sort(0).values
+        out.append((a - b).pow(2).mean().sqrt())
+    return float(torch.stack(out).mean())
+
+
+class Evaluator:
+    """Fixed evaluation batch (class-balanced labels, fixed noise) with cached exact teacher ODE endpoints."""
+
+    def __init__(self, data, teacher, per_class=40, seed=1234, device="cpu"):
+        g = torch.Generator().manual_seed(seed)
+        self.data, self.teacher = data, teacher
+        self.cond = torch.arange(NUM_CLASSES).repeat_interleave(per_class).to(device)
+        self.noise = torch.randn((len(self.cond),) + IMG, generator=g).to(device)
+        self.x_teacher = teacher_ode(teacher, self.noise, self.cond)
+
+    def metrics(self, x):
+        return {"align": teacher_alignment(x, self.x_teacher), "mode_kl": mode_kl(self.data, x, self.cond),
+                "swd": sliced_wasserstein(self.data, x, self.cond)}
+
+    @torch.no_grad()
+    def student(self, student, nfe, shift=1.0, final_step_scale=1.0, temperature=None):
+        x = piflow.sample(student, self.noise, self.cond, nfe, shift, final_step_scale, temperature)
+        return self.metrics(x)
+
+
+#################################################################################
+#                      Images (PIL only) and the lab                            #
+#################################################################################
+
+def to_uint8(x, scale=4):
+    """(B, C, H, W) in [-1, 1] -> list of (H*scale, W*scale[, 3]) uint8 arrays."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
+    x = x.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    return [t[0].numpy() if t.shape[0] == 1 else t.permute(1, 2, 0).numpy() for t in x]
+
+
+def image_grid(rows, pad=2, gap=8):
+    """rows: list of lists of 2-D uint8 tiles (lists of equal length; None = blank gap column of width `gap`)."""
+    th, tw = next(t for r in rows for t in r if t is not None).shape[:2]
+    widths = [tw if t is not None else gap for t in rows[0]]
+    H = len(rows) * (th + pad) + pad
+    W = sum(w + pad for w in widths) + pad
+    canvas = np.full((H, W), 255, np.uint8)
+    for i, r in enumerate(rows):
+        x = pad
+        for t, w in zip(r, widths):
+            if t is not None:
+                canvas[pad + i * (th + pad): pad + i * (th + pad) + th, x: x + tw] = t
+            x += w + pad
+    return canvas
+
+
+def save_png(array, path):
+    """Write atomically (tmp file, then os.replace)."""
+    from PIL import Image
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    Image.fromarray(array).save(tmp)
+    os.replace(tmp, path)
+
+
+def lab_rows(quick):
+    """(group, label, train_imagenet.py flags, nfe list) for every row of the claims table."""
+    gm8, gm32 = ["--policy", "gm", "--K", "8"], ["--policy", "gm", "--K", "32"]
+    dx = lambda n: ["--policy", "dx", "--N", str(n)]
+    nfes = [1, 2, 4]
+    rows = [("1 policy", "GM K=8", gm8, nfes), ("1 policy", "GM K=32", gm32, nfes),
+            ("1 policy", "DX N=10", dx(10), nfes), ("1 policy", "DX N=20", dx(20), nfes),
+            ("1 policy", "DX N=40", dx(40), nfes),
+            ("2 dropout", "GM K=8, dropout 0.05", gm8 + ["--gm-dropout", "0.05"], [4]),
+            ("3 on-policy", "GM K=8, behaviour cloning (ratio 1)", gm8 + ["--decay-iters", "1000000000"], [4]),
+            ("3 on-policy", "DX N=10, behaviour cloning (ratio 1)", dx(10) + ["--decay-iters", "1000000000"], [4]),
+            ("4 window", "DX N=10, micro-window 3", dx(10) + ["--window-substeps", "3"], [4]),
+            ("5 data", "GM K=8, data-dependent", gm8 + ["--data-dependent"], [4]),
+            ("6 baselines", "shortcut student (regresses NFE-step jump)", ["--policy", "shortcut"], nfes)]
+    return rows
+
+
+def run_lab(args):
+    """Train every lab row (pi-ID via train_imagenet.train) and write table.md, table.json and table.png."""
+    import json
+    import time
+    import train_imagenet
+    torch.set_num_threads(args.threads)
+    out = args.out or ("runs/lab_quick" if args.quick else "runs/lab")
+    steps = args.steps or (150 if args.quick else 1000)
+    os.makedirs(out, exist_ok=True)
+    data = ToyData()
+    teacher = ToyTeacher(data)
+    ev = Evaluator(data, teacher)
+    t0, results = time.time(), []
+    for nfe in (1, 2, 4):                                                  # teacher's own Euler sampler
+        results.append(("6 baselines", "teacher Euler (no training)", nfe,
+                        ev.metrics(teacher_euler(teacher, ev.noise, ev.cond, nfe))))
+    for group, label, flags, nfes in lab_rows(args.quick):
+        for nfe in nfes:
+            argv = ["--teacher", "toy", "--nfe", str(nfe), "--steps", str(steps), "--seed", str(args.seed),
+                    "--out", os.path.join(out, f"{label}_nfe{nfe}".replace(" ", "_").replace(",", "").replace("=", "")
+                                          .replace("(", "").replace(")", "")),
+                    "--eval-every", "0", "--log-every", "0", "--ckpt-every", "0", "--threads", str(args.threads),
+                    "--no-progress", "--overwrite"] + flags
+            ta = time.time()
+            student = train_imagenet.main(argv)
+            m = ev.student(student, nfe)
+            results.append((group, label, nfe, m))
+            print(f"[{time.time() - t0:6.0f}s] {label:45s} NFE {nfe}: align {m['align']:.4f}  "
+                  f"mode KL {m['mode_kl']:.4f}  SWD {m['swd']:.4f}  ({time.time() - ta:.0f}s)", flush=True)
+    runtime = time.time() - t0
+    lines = [f"Toy lab ({'quick, ' if args.quick else ''}{steps} steps per student, batch 64, 2 CPU threads; "
+             f"runtime {runtime / 60:.1f} min). align = MSE to the exact teacher ODE endpoint; mode KL = "
+             "KL(true weights || nearest-prototype histogram); SWD = per-class sliced W2 to true data. "
+             f"Eval: {len(ev.cond)} samples, same noise for all rows.", "",
+             "| group | student | NFE | align | mode KL | SWD |", "|---|---|---|---|---|---|"]
+    for group, label, nfe, m in results:
+        lines.append(f"| {group} | {label} | {nfe} | {m['align']:.4f} | {m['mode_kl']:.4f} | {m['swd']:.4f} |")
+    ref = ev.metrics(ev.x_teacher)
+    lines.append(f"| ref | teacher exact ODE | - | 0 | {ref['mode_kl']:.4f} | {ref['swd']:.4f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    for name, content in (("table.md", text), ("table.json", json.dumps(
+            [dict(group=g, student=l, nfe=n, **m) for g, l, n, m in results], indent=1))):
+        with open(os.path.join(out, name + ".tmp"), "w") as f:
+            f.write(content)
+        os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+    save_png(bar_plot(results), os.path.join(out, "table.png"))
+    print(f"wrote {out}/table.md, table.json, table.png ({runtime:.0f} s)")
+
+
+def bar_plot(results, bar_h=12, width=420):
+    """Horizontal log-scale bar chart of teacher alignment per row (PIL, no matplotlib)."""
+    from PIL import Image, ImageDraw
+    vals = [max(m["align"], 1e-5) for *_, m in results]
+    lo, hi = math.log10(min(vals)) - 0.2, math.log10(max(vals)) + 0.1
+    label_w, H = 330, (bar_h + 4) * len(results) + 40
+    img = Image.new("L", (label_w + width + 70, H), 255)
+    d = ImageDraw.Draw(img)
+    d.text((4, 4), "teacher alignment MSE (log scale; lower is better)", fill=0)
+    for i, ((g, label, nfe, m), v) in enumerate(zip(results, vals)):
+        y = 24 + i * (bar_h + 4)
+        d.text((4, y), f"{label[:44]}  NFE {nfe}", fill=0)
+        w = int(width * (math.log10(v) - lo) / (hi - lo))
+        d.rectangle([label_w, y, label_w + max(w, 1), y + bar_h - 2], fill=90)
+        d.text((label_w + w + 4, y), f"{v:.4f}", fill=0)
+    return np.array(img)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Toy ImageNet lab for pi-Flow (CPU).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    lab = sub.add_parser("lab", help="train small students and write the claims table")
+    lab.add_argument("--quick", action="store_true", help="short training (~3 min on 2 cores) instead of the full table")
+    lab.add_argument("--steps", type=int, default=None, help="training steps per student (default 150 quick / 1000 full)")
+    lab.add_argument("--out", default=None, help="output folder (default runs/lab_quick or runs/lab)")
+    lab.add_argument("--seed", type=int, default=0, help="training seed for every row")
+    lab.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = p.parse_args(argv)
+    if args.cmd == "lab":
+        if args.steps is not None and args.steps < 1:
+            p.error(f"--steps={args.steps} is not accepted; expected an integer >= 1")
+        run_lab(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
