@@ -298,19 +298,19 @@ def rollout_substeps(tau_from, tau_to, total_substeps=128):
 
 def _rollout(policy, x, tau_from, tau_to, shift, total_substeps, backend="auto"):
     """Euler integration of dx/dsigma = pi(x, sigma) on a per-sample grid uniform in raw time (unchecked)."""
-    if backend != "torch" and not torch.is_grad_enabled():
-        if backend == "fused" or x.is_cuda:
-            try:
-                import piflow_kernels
-                out = piflow_kernels.fused_policy_rollout(policy, x, tau_from, tau_to, shift, total_substeps)
-            except ImportError:
-                if backend == "fused":
-                    raise
-                out = None
-            if out is not None:
-                return out
+    if backend == "fused" or (backend == "auto" and x.is_cuda and not torch.is_grad_enabled()):
+        try:
+            import piflow_kernels  # one Triton kernel per rollout; returns None for cases it does not handle
+            out = piflow_kernels.fused_policy_rollout(policy, x, tau_from, tau_to, shift, total_substeps)
+        except ImportError:
             if backend == "fused":
-                raise ValueError("backend='fused' cannot handle this policy/device; use backend='auto' or 'torch'")
+                raise
+            out = None
+        if out is not None:
+            return out
+        if backend == "fused":
+            raise ValueError("backend='fused' cannot handle this rollout (needs triton, CUDA or TRITON_INTERPRET=1, "
+                             "float32 and no gradient); use backend='auto' or 'torch'")
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     tau_from, tau_to = as_batch(tau_from, x), as_batch(tau_to, x)
     n = rollout_substeps(tau_from, tau_to, total_substeps)                     # (B,)
@@ -552,6 +552,7 @@ def sample(student, noise, cond, nfe, shift=1.0, final_step_scale=1.0, temperatu
     """
     taus, _ = nfe_schedule(nfe, shift, final_step_scale)
     T = auto_temperature(nfe) if temperature == "auto" else temperature
+    T = None if (temperature == "auto" and T == 0) else T                  # 'auto' at 1 NFE: no temperature
     if T is not None and not (isinstance(T, (int, float)) and T > 0):
         _fail("temperature", temperature, "None, 'auto' or a value > 0")
     steps = range(nfe)

@@ -22,7 +22,17 @@ import piflow as pf
 settings.register_profile("ci", deadline=None, derandomize=True, max_examples=25,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci")
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def float64_default():
+    """All math here runs in float64; restored afterwards so other test modules keep float32."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.set_flush_denormal(False)  # trainers/tests elsewhere flush denormals for speed; Hypothesis needs IEEE floats
+    yield
+    torch.set_default_dtype(old)
+
 
 seeds = st.integers(0, 2 ** 31 - 1)
 

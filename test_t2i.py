@@ -216,6 +216,14 @@ def test_adapter_roundtrip_and_published_layout(bases, model, tmp_path):
             p.copy_(p.half().float())
         ref16, out16 = s.head_outputs(x, sigma, cond), s3.head_outputs(x, sigma, cond)
     assert all(torch.equal(a, b) for a, b in zip(ref16, out16))
+    # DX adapter: bit-exact reload, policy kwargs from the metadata
+    d = T.T2IStudent(fresh(bases, model), model, "dx", N=3, lora_rank=4, lora_dropout=0.0).eval()
+    perturb_trainables(d, 12)
+    T.save_adapter(d, str(tmp_path / "dx"), dtype=None)
+    d2 = T.student_from_adapter(fresh(bases, model), model, str(tmp_path / "dx")).eval()
+    assert d2.head == "dx" and d2.N == 3 and d2.policy_config["type"] == "DX" and d2.policy_config["shift"] == 3.2
+    with torch.no_grad():
+        assert torch.equal(d(x, sigma, cond).x0_grid, d2(x, sigma, cond).x0_grid)
 
 
 def test_piid_steps_reduce_loss(bases):
@@ -327,3 +335,33 @@ def test_bad_input_fails_before_loading(bases, tmp_path, monkeypatch, capsys):
         (tmp_path / "bad").mkdir()
         (tmp_path / "bad" / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
         T.sample_cli(["--model", "flux", "--adapter", str(tmp_path / "bad"), "--prompt", "x"])
+
+
+def test_data_dependent_folder(bases, tmp_path, monkeypatch):
+    """Image+caption folder -> VAE latents cached once -> data-dependent pi-ID (Alg. 2) runs."""
+    from PIL import Image
+    base = _save_base(bases, "flux", str(tmp_path / "base"))
+    vae = tiny_vae("flux")
+    vae.save_pretrained(os.path.join(base, "vae"))
+    data = tmp_path / "data"
+    data.mkdir()
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (2, 32, 32, 3), generator=g, dtype=torch.uint8)
+    for i in range(2):
+        Image.fromarray(pixels[i].numpy()).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"caption {i}")
+    seen = []
+
+    def fake_encode(model, base, prompts, device, dtype, max_len=512, batch=8):   # no text encoders offline
+        seen.extend(prompts)
+        return {k: v for k, v in make_cond("flux", len(prompts)).items() if k != "guidance"}
+    monkeypatch.setattr(T, "encode_prompts", fake_encode)
+    args = [a for a in TRAIN_ARGS] + ["--base", base, "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "1"]
+    T.main(args)
+    assert seen == ["caption 0", "caption 1"]
+    emb = torch.load(tmp_path / "run" / "embeds.pt")
+    with torch.no_grad():
+        z = vae.encode(pixels.permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mode()
+    torch.testing.assert_close(emb["latents"], (z - 0.1159) * 0.3611, atol=1e-4, rtol=1e-4)
+    assert "data-dependent" in open(tmp_path / "run" / "log.txt").read()
+    assert all(v == v and v > 0 for v in _losses(tmp_path / "run"))

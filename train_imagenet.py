@@ -27,8 +27,9 @@ import piflow
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="pi-ID training (paper Alg. 2 / Alg. 3).")
     g = p.add_argument_group("teacher and student")
-    g.add_argument("--teacher", default="toy", choices=["toy"],
-                   help="teacher model: 'toy' = exact GM toy ImageNet (toy.py); 'sit'/'repa' are added by sit.py")
+    g.add_argument("--teacher", default="toy", choices=["toy", "sit"],
+                   help="teacher model: 'toy' = exact GM toy ImageNet (toy.py); 'sit' = SiT-XL/2 / REPA / DiT "
+                        "teacher on SD-VAE latents (sit.py; see the SiT flags below)")
     g.add_argument("--policy", default="gm", choices=["gm", "dx", "shortcut"],
                    help="student policy: GMFlow (gm), DX grid (dx), or the shortcut-regression baseline")
     g.add_argument("--K", type=int, default=8, help="Gaussians per pixel of the GM policy")
@@ -72,6 +73,8 @@ def parse_args(argv=None):
     g.add_argument("--eval-every", type=int, default=500, help="teacher-alignment metrics every N steps (0 = off)")
     g.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps (0 = only at the end)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    import sit  # SiT/REPA-specific flags (--teacher-ckpt, --num-gaussians, --latents, ...); torch-only import
+    sit.add_train_args(p.add_argument_group("SiT / REPA teacher (--teacher sit)"))
     args = p.parse_args(argv)
     for name, ok, accepted in [
             ("--nfe", args.nfe >= 1, "an integer >= 1"), ("--steps", args.steps >= 1, "an integer >= 1"),
@@ -118,8 +121,10 @@ def build(args, device):
             return evaluator[0].student(ema, args.nfe, args.shift, args.final_step_scale)
         s.evaluate = evaluate
         return s
-    # elif args.teacher in ("sit", "repa"):  import sit; return sit.build(args, device)   <- added by sit.py
-    raise ValueError(f"--teacher={args.teacher!r} is not accepted; expected 'toy'")
+    if args.teacher == "sit":
+        import sit
+        return sit.build(args, device)
+    raise ValueError(f"--teacher={args.teacher!r} is not accepted; expected 'toy' or 'sit'")
 
 
 def build_student(args):

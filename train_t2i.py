@@ -567,6 +567,8 @@ def parse_args(argv=None):
         raise SystemExit(f"--resolution={args.resolution} is not a multiple of 16")
     if (args.prompts is None) == (args.data is None) and args.embed_cache is None:
         raise SystemExit("give exactly one of --prompts (data-free) or --data (data-dependent), or --embed_cache")
+    if args.prompts is None and args.data is None and not os.path.isfile(args.embed_cache):
+        raise SystemExit(f"--embed_cache={args.embed_cache!r} does not exist; give --prompts or --data to build it")
     for flag in ("prompts", "data"):
         v = getattr(args, flag)
         if v is not None and not os.path.exists(v):
@@ -598,7 +600,7 @@ def load_data_folder(model, base, folder, resolution, device, dtype, max_len, ca
             im = im.resize((max(resolution, round(im.width * s)), max(resolution, round(im.height * s))))
             l, t = (im.width - resolution) // 2, (im.height - resolution) // 2
             im = im.crop((l, t, l + resolution, t + resolution))
-            x = torch.from_numpy(np.asarray(im)).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
+            x = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
             lat.append(vae_encode(model, vae, x).cpu())
     del vae
     d = encode_prompts(model, base, captions, device, dtype, max_len)
@@ -663,10 +665,11 @@ def main(argv=None):
                              seed=args.seed)
     if not args.no_grad_ckpt:
         tr.enable_gradient_checkpointing()
-    frozen_dtype = dtype
-    for name, p in tr.named_parameters():          # frozen base in the compute dtype, trainables fp32 masters
-        if not p.requires_grad:
-            p.data = p.data.to(frozen_dtype)
+    if not dist_run:      # frozen base in the compute dtype, fp32 trainables under autocast (FSDP2: mp_policy)
+        for name, p in tr.named_parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(dtype)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and not dist_run)
     student.teacher_norm_out.to(dtype), student.teacher_proj_out.to(dtype)
     student.to(device)
     if dist_run:
@@ -674,8 +677,9 @@ def main(argv=None):
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh(device.type, (world,))
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        for blk in list(tr.transformer_blocks) + list(getattr(tr, "single_transformer_blocks", [])):
-            fully_shard(blk, mesh=mesh, mp_policy=mp)
+        heads = [tr.proj_out_means, tr.proj_out_logweights, tr.proj_out_logstds] if args.head == "gm" else []
+        for blk in list(tr.transformer_blocks) + list(getattr(tr, "single_transformer_blocks", [])) + heads:
+            fully_shard(blk, mesh=mesh, mp_policy=mp)   # GM heads run outside tr.forward: own units
         fully_shard(tr, mesh=mesh, mp_policy=mp)
     params = student.trainable_named()
     n_train = sum(p.numel() for p in params.values())
@@ -740,13 +744,14 @@ def main(argv=None):
             idx = torch.randint(P, (args.micro_batch,), generator=torch.Generator().manual_seed(
                 (args.seed * 1_000_003 + step) * 65_537 + i))
             cond = take_cond(emb, args.model, idx, device, args.guidance)
-            if data_dependent:
-                x0 = emb["latents"][idx].to(device)
-                loss = piflow.piid_data_dependent(student, teacher, x0, cond, cfg, step, g)
-                backward(loss)
-            else:
-                noise = torch.randn(args.micro_batch, 16, latent, latent, generator=g, device=device)
-                loss = piflow.piid_data_free(student, teacher, noise, cond, cfg, step, g, backward=backward)
+            with autocast:
+                if data_dependent:
+                    x0 = emb["latents"][idx].to(device)
+                    loss = piflow.piid_data_dependent(student, teacher, x0, cond, cfg, step, g)
+                    backward(loss)
+                else:
+                    noise = torch.randn(args.micro_batch, 16, latent, latent, generator=g, device=device)
+                    loss = piflow.piid_data_free(student, teacher, noise, cond, cfg, step, g, backward=backward)
             step_loss += loss.detach() / n_micro
         if dist_run:
             dist.all_reduce(step_loss)

@@ -1,0 +1,6 @@
+# Test-session setup shared by all test files. Triton fixes interpreter mode when it is first imported, and
+# several modules import it indirectly (torch._dynamo, diffusers), so the CPU interpreter for the fused-kernel
+# tests (test_kernels.py) must be switched on before any test module is collected.
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
