@@ -534,6 +534,8 @@ def test_sampler_exact_student_any_nfe():
         for shift, scale in ((1.0, 1.0), (3.2, 0.5)):
             out = pf.sample(student, noise, None, nfe, shift, scale, total_substeps=512)
             assert (out - want).abs().max() < 0.02, (nfe, shift)
+    # 'auto' temperature is 0.1 (NFE - 1): at 1 NFE that means no temperature (it is never on the last step)
+    assert torch.equal(pf.sample(student, noise, None, 1, temperature="auto"), pf.sample(student, noise, None, 1))
 
 
 class MLPStudent(torch.nn.Module):
