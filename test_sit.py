@@ -310,6 +310,18 @@ def test_sample_cli_png_and_npz(tmp_path):
         arrs.append(arr)
         assert not [f for f in os.listdir(tmp_path) if ".part" in f]
     assert np.array_equal(*arrs) and not np.array_equal(arrs[0][0], arrs[0][1])  # per-index seeds
+    # under torchrun the two ranks' parts are merged into the same npz as the single-process run
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    npz = str(tmp_path / "ddp.npz")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(here, "sample.py"), "--model", "imagenet"] + common +
+                       ["--nfe", "1", "--num-samples", "5", "--npz", npz, "--batch-size", "2"],
+                       cwd=here, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert np.array_equal(np.load(npz)["arr_0"], arrs[0])
+    assert not [f for f in os.listdir(tmp_path) if ".part" in f]
 
 
 # ----------------------------------------------------------------------------------------------------------
