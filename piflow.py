@@ -542,6 +542,19 @@ def auto_temperature(nfe):
     return min(max(0.1 * (nfe - 1), 0.0), 1.0)
 
 
+def resolve_temperature(temperature, nfe):
+    """The GM temperature a sampler uses: None (off), a value > 0, or 'auto' (auto_temperature(nfe)).
+
+    'auto' at 1 NFE is off: temperature is never applied on the last step, which is then the only one.
+    """
+    if temperature == "auto":
+        T = auto_temperature(nfe)
+        return T if T > 0 else None
+    if temperature is not None and not (isinstance(temperature, (int, float)) and temperature > 0):
+        _fail("temperature", temperature, "None, 'auto' or a value > 0")
+    return temperature
+
+
 @torch.no_grad()
 def sample(student, noise, cond, nfe, shift=1.0, final_step_scale=1.0, temperature=None, total_substeps=128,
            backend="auto", progress=False):
@@ -551,10 +564,7 @@ def sample(student, noise, cond, nfe, shift=1.0, final_step_scale=1.0, temperatu
     it is applied to GM policies on every step but the last (App. B.1).
     """
     taus, _ = nfe_schedule(nfe, shift, final_step_scale)
-    T = auto_temperature(nfe) if temperature == "auto" else temperature
-    T = None if (temperature == "auto" and T == 0) else T                  # 'auto' at 1 NFE: no temperature
-    if T is not None and not (isinstance(T, (int, float)) and T > 0):
-        _fail("temperature", temperature, "None, 'auto' or a value > 0")
+    T = resolve_temperature(temperature, nfe)
     steps = range(nfe)
     if progress:
         from tqdm import tqdm

@@ -83,8 +83,7 @@ def main(argv=None):
     t0 = time.time()
     student, a = load_student(args.ckpt)
     _, sigmas = piflow.nfe_schedule(args.nfe, a["shift"], a["final_step_scale"])
-    T = piflow.auto_temperature(args.nfe) if args.temperature == "auto" else args.temperature
-    T = None if T == 0 else T                    # 'auto' at NFE 1 is 0: only the last step, where T is never used
+    T = piflow.resolve_temperature(args.temperature, args.nfe)
     print(f"student: {args.ckpt} ({a['policy']}, K={a['K']}, N={a['N']}, trained at NFE {a['nfe']}, "
           f"shift {a['shift']}, final step scale {a['final_step_scale']})")
     print(f"settings: NFE {args.nfe}, temperature {T}, seed {args.seed}, {args.per_class} per class, "

@@ -850,7 +850,7 @@ def sample_cli(argv=None):
     if args.embed_cache and not os.path.isfile(args.embed_cache) and not prompts:
         raise SystemExit(f"--embed_cache={args.embed_cache!r} does not exist")
     head, n = adapter_info(args.adapter, args.model)
-    T = args.temperature if args.temperature is not None else piflow.auto_temperature(args.nfe)
+    T = piflow.resolve_temperature("auto" if args.temperature is None else args.temperature, args.nfe)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     if device.type == "cpu" and dtype != torch.float32:
