@@ -96,7 +96,8 @@ def main(argv=None):
     g = torch.Generator().manual_seed(args.seed)
     cond = torch.arange(toy.NUM_CLASSES).repeat_interleave(args.per_class)          # (B,)
     noise = torch.randn((len(cond),) + toy.IMG, generator=g)
-    x = piflow.sample(student, noise, cond, args.nfe, a["shift"], a["final_step_scale"], T)
+    x = piflow.sample(student, noise, cond, args.nfe, a["shift"], a["final_step_scale"], T,
+                      a.get("total_substeps", 128))
     x_teacher = toy.teacher_ode(teacher, noise, cond)
     x_euler = toy.teacher_euler(teacher, noise, cond, args.nfe, a["shift"], a["final_step_scale"])
     m = {"align": toy.teacher_alignment(x, x_teacher), "mode_kl": toy.mode_kl(data, x, cond),

@@ -24,8 +24,8 @@ def flush_denormals():
     torch.set_flush_denormal(True)
     yield
     torch.set_flush_denormal(False)
-ALIGN_THRESHOLD = 0.12   # shipped 4-NFE student: mean teacher-alignment MSE (measured 0.083 on this batch)
-MEDIAN_THRESHOLD = 0.002  # ... and median per-sample MSE (measured 1.5e-4)
+ALIGN_THRESHOLD = 0.06    # shipped 4-NFE student: mean teacher-alignment MSE (measured 0.048; teacher Euler 0.069)
+MEDIAN_THRESHOLD = 5e-4   # ... and median per-sample MSE (measured 3.0e-5; teacher Euler 5.2e-3)
 
 
 def numpy_velocity(x_t, sigma, weights, protos, var):
@@ -101,8 +101,8 @@ def test_shipped_checkpoint_beats_teacher_euler():
     x_T = toy.teacher_ode(teacher, noise, cond)
     err_s = (piflow.sample(student, noise, cond, 4) - x_T).pow(2).flatten(1).mean(1)              # (B,)
     err_e = (toy.teacher_euler(teacher, noise, cond, 4) - x_T).pow(2).flatten(1).mean(1)
-    assert err_s.mean() < ALIGN_THRESHOLD
-    assert err_s.median() < MEDIAN_THRESHOLD and err_s.median() < 0.1 * err_e.median()
+    assert err_s.mean() < ALIGN_THRESHOLD and err_s.mean() < 0.8 * err_e.mean()          # measured ratio 0.69
+    assert err_s.median() < MEDIAN_THRESHOLD and err_s.median() < 0.05 * err_e.median()  # measured ratio 0.006
     assert os.path.getsize(sample.DEFAULT_CKPT) < 5e6
 
 
@@ -132,7 +132,8 @@ def test_torchrun_two_processes_equal_single_process(tmp_path):
     assert diff < 1e-4 and diff < 0.01 * moved                               # float32 summation-order noise only
 
 
-@pytest.mark.parametrize("extra", [[], ["--data-dependent", "--policy", "dx", "--N", "4"]])
+@pytest.mark.parametrize("extra", [[], ["--data-dependent", "--policy", "dx", "--N", "4"],
+                                   ["--cosine", "--total-substeps", "16"]])
 def test_resume_continues_identically(tmp_path, extra):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     train_imagenet.main(TINY + extra + ["--steps", "4", "--out", full])
@@ -170,3 +171,20 @@ def test_bad_input_clear_errors_nothing_overwritten(tmp_path, capsys):
         train_imagenet.main(TINY + ["--steps", "1", "--out", str(tmp_path / "r3")])
     assert (tmp_path / "r3" / "ckpt.pt").read_bytes() == b"garbage"
     assert out.read_bytes() == b"precious"
+
+
+def test_lab_quick_writes_the_claims_table(tmp_path):
+    """`toy.py lab --quick` end to end (2 steps per student, 2 worker processes): table.md / table.json / table.png
+    hold every claims row of lab_rows plus the teacher-Euler baselines, all with finite metrics."""
+    import json
+    from PIL import Image
+    out = tmp_path / "lab"
+    toy.main(["lab", "--quick", "--steps", "2", "--jobs", "2", "--out", str(out)])
+    rows = json.loads((out / "table.json").read_text())
+    expected = {(label, nfe) for _, label, _, nfes in toy.lab_rows(quick=True) for nfe in nfes}
+    expected |= {("teacher Euler (no training)", nfe) for nfe in (1, 4)}
+    assert {(r["student"], r["nfe"]) for r in rows} == expected and len(rows) == len(expected)
+    assert all(np.isfinite([r["align"], r["mode_kl"], r["swd"]]).all() for r in rows)
+    table = (out / "table.md").read_text()
+    assert all(f"| {label} | {nfe} |" in table for label, nfe in expected)
+    assert Image.open(out / "table.png").size[1] >= 16 * len(rows)                 # one 16-px bar per row

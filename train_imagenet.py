@@ -44,6 +44,8 @@ def parse_args(argv=None):
     g.add_argument("--shift", type=float, default=1.0, help="time shift m (1 on ImageNet)")
     g.add_argument("--final-step-scale", type=float, default=1.0, help="raw size of the last step vs the others")
     g.add_argument("--num-intermediate", type=int, default=2, help="teacher queries per student call")
+    g.add_argument("--total-substeps", type=int, default=128,
+                   help="policy rollout substeps per unit raw time (128 as published; the toy lab uses 32)")
     g.add_argument("--window-substeps", type=int, default=0, help="micro-window size in substeps (Eq. 6)")
     g.add_argument("--gm-dropout", type=float, default=0.0, help="GM dropout on the rollout policy (paper: 0.05)")
     g.add_argument("--loss-scale", type=float, default=1.0, help="constant loss multiplier (3 on ImageNet)")
@@ -57,6 +59,8 @@ def parse_args(argv=None):
     g.add_argument("--micro-batch", type=int, default=64, help="samples per micro-batch (divides --batch-size)")
     g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     g.add_argument("--warmup", type=int, default=50, help="linear LR warmup steps (from 0.001 lr)")
+    g.add_argument("--cosine", action="store_true",
+                   help="after warmup, cosine-decay the LR to 0 at --steps (default: constant LR, as published)")
     g.add_argument("--grad-clip", type=float, default=50.0, help="gradient-norm clip")
     g.add_argument("--clip-start", type=int, default=0, help="step from which gradients are clipped")
     g.add_argument("--ema-start", type=int, default=50, help="EMA start step (copy before)")
@@ -78,7 +82,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     for name, ok, accepted in [
             ("--nfe", args.nfe >= 1, "an integer >= 1"), ("--steps", args.steps >= 1, "an integer >= 1"),
-            ("--K", args.K >= 1, ">= 1"), ("--N", args.N >= 1, ">= 1"),
+            ("--K", args.K >= 1, ">= 1"), ("--total-substeps", args.total_substeps >= 1, "an integer >= 1"), ("--N", args.N >= 1, ">= 1"),
             ("--micro-batch", args.micro_batch >= 1 and args.batch_size % args.micro_batch == 0,
              f"a divisor of --batch-size={args.batch_size}"),
             ("--gm-dropout", 0 <= args.gm_dropout < 1, "a probability in [0, 1)"),
@@ -118,7 +122,8 @@ def build(args, device):
         def evaluate(ema):
             if not evaluator:
                 evaluator.append(toy.Evaluator(data, guided(args, s.teacher, s.null_cond), device=device))
-            return evaluator[0].student(ema, args.nfe, args.shift, args.final_step_scale)
+            return evaluator[0].student(ema, args.nfe, args.shift, args.final_step_scale,
+                                        total_substeps=args.total_substeps)
         s.evaluate = evaluate
         return s
     if args.teacher == "sit":
@@ -210,7 +215,8 @@ def main(argv=None):
     teacher = guided(args, s.teacher, s.null_cond)
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     cfg = piflow.PiIDConfig(nfe=args.nfe, shift=args.shift, final_step_scale=args.final_step_scale,
-                            num_intermediate=args.num_intermediate, window_substeps=args.window_substeps,
+                            num_intermediate=args.num_intermediate, total_substeps=args.total_substeps,
+                            window_substeps=args.window_substeps,
                             gm_dropout=args.gm_dropout, loss_scale=args.loss_scale, decay_iters=args.decay_iters)
     start = 0
     if ckpt is not None:
@@ -242,8 +248,11 @@ def main(argv=None):
         steps = tqdm(steps, initial=start, total=args.steps, desc="pi-ID")
     t_log, loss_log = time.time(), []
     for step in steps:
-        for group in opt.param_groups:                    # linear warmup from 0.001 lr
-            group["lr"] = args.lr * min(1.0, 0.001 + (1 - 0.001) * step / max(args.warmup, 1))
+        lr = args.lr * min(1.0, 0.001 + (1 - 0.001) * step / max(args.warmup, 1))   # linear warmup from 0.001 lr
+        if args.cosine and step >= args.warmup:
+            lr = 0.5 * args.lr * (1 + math.cos(math.pi * (step - args.warmup) / max(args.steps - args.warmup, 1)))
+        for group in opt.param_groups:
+            group["lr"] = lr
         opt.zero_grad(set_to_none=False)
         step_loss = torch.zeros((), device=device)
         backward = lambda l: (l / n_micro).backward()
