@@ -328,7 +328,6 @@ def _lab_job(job):
     import time
     import train_imagenet
     argv, nfe, total_substeps, ev = job
-    torch.set_num_threads(1)
     t = time.time()
     student = train_imagenet.main(argv)
     return ev.student(student, nfe, total_substeps=total_substeps), time.time() - t
@@ -380,8 +379,8 @@ def run_lab(args):
     rows = [(g, l, n, results[(g, l, n)][0]) for g, l, n in list(jobs) + euler]   # table order = lab_rows order
     ref = ev.metrics(ev.x_teacher)
     lines = [f"Toy lab ({'quick, ' if args.quick else ''}{steps} steps per student, batch {LAB_BATCH}, "
-             f"lr {LAB_LR:g} cosine, "
-             f"{LAB_SUBSTEPS} rollout substeps per unit time, seed {args.seed}; {args.jobs} jobs x 1 CPU thread; "
+             f"lr {LAB_LR:g} cosine, {LAB_SUBSTEPS} rollout substeps per unit time, seed {args.seed}; "
+             f"{args.jobs} jobs x 1 CPU thread; "
              f"wall time {runtime / 60:.1f} min). align = MSE to the exact teacher ODE endpoint from the same noise; "
              "mode KL = KL(true weights || nearest-prototype histogram); SWD = sliced W2 to true data (same labels). "
              f"Eval: {len(ev.cond)} samples, same noise for all rows.", "",
