@@ -1,8 +1,8 @@
 """Toy ImageNet: an exact class-conditional Gaussian-mixture image dataset, its closed-form teacher, a tiny
 student, metrics, and a CPU lab that checks the paper's claims.
 
-    python toy.py lab --quick          # smoke run (100 steps/student, ~2-3 min): table in runs/lab_quick/
-    python toy.py lab                  # the claims table (1000 steps/student, ~20 min on 2 cores) in runs/lab/
+    python toy.py lab --quick          # smoke run (100 steps/student, 1.5 min on 2 cores): table in runs/lab_quick/
+    python toy.py lab                  # the claims table (1000 steps/student, 14 min on 2 cores) in runs/lab/
 
 Data: x0 (1, 8, 8) images. Each of 10 classes is a mixture of 4 prototype images (smooth random patterns in
 [-1, 1], fixed by a seed in code) with within-class weights 0.4/0.3/0.2/0.1 and per-pixel noise std 0.1.
