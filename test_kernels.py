@@ -86,7 +86,9 @@ def rollout_case(draw):
     return B, C, spatial, shift, total, tau_from, tau_to, chained, seed
 
 
-def _source(B, C, spatial, shift, tau_from, chained, g):
+def _source(B, C, spatial, shift, tau_from, chained, seed):
+    """Generator, sigma_src, x_src and the rollout start x (a later chained state when `chained`, else x_src)."""
+    g = torch.Generator().manual_seed(seed)
     sigma_from = piflow.warp_time(tau_from, shift)
     if chained:
         sigma_src = sigma_from + (1 - sigma_from) * torch.rand(B, generator=g)
@@ -94,7 +96,8 @@ def _source(B, C, spatial, shift, tau_from, chained, g):
     else:
         sigma_src = sigma_from
         x = None
-    return sigma_src.clamp(1e-3, 1.0), x
+    x_src = torch.randn(B, C, *spatial, generator=g)
+    return g, sigma_src.clamp(1e-3, 1.0), x_src, x_src if x is None else x
 
 
 @interpreted
@@ -103,10 +106,7 @@ def _source(B, C, spatial, shift, tau_from, chained, g):
        mods=st.sampled_from(["none", "temperature", "one_left", "dropout", "noncontig"]))
 def test_gm_fused_matches_reference(case, K, var_kind, mods):
     B, C, spatial, shift, total, tau_from, tau_to, chained, seed = case
-    g = torch.Generator().manual_seed(seed)
-    sigma_src, x = _source(B, C, spatial, shift, tau_from, chained, g)
-    x_src = torch.randn(B, C, *spatial, generator=g)
-    x = x_src if x is None else x
+    g, sigma_src, x_src, x = _source(B, C, spatial, shift, tau_from, chained, seed)
     if mods == "noncontig":                         # means laid out (K, B, C, ...) and x_src spatially flipped
         means_x = torch.randn(K, B, C, *spatial, generator=g).transpose(0, 1)
         x_src = torch.randn(B, *spatial, C, generator=g).movedim(-1, 1)
@@ -140,10 +140,7 @@ def test_gm_fused_matches_reference(case, K, var_kind, mods):
        noncontig=st.booleans())
 def test_dx_fused_matches_reference(case, N, seg, noncontig):
     B, C, spatial, shift, total, tau_from, tau_to, chained, seed = case
-    g = torch.Generator().manual_seed(seed)
-    sigma_src, x = _source(B, C, spatial, shift, tau_from, chained, g)
-    x_src = torch.randn(B, C, *spatial, generator=g)
-    x = x_src if x is None else x
+    g, sigma_src, x_src, x = _source(B, C, spatial, shift, tau_from, chained, seed)
     grid_u = torch.randn(N, B, C, *spatial, generator=g).transpose(0, 1)
     if not noncontig:
         grid_u = grid_u.contiguous()
@@ -225,10 +222,7 @@ def test_declines_what_it_cannot_do(monkeypatch):
 def test_euler_grid_and_eager_compiled_loop_are_the_reference(case, K):
     """The precomputed sigma grid reproduces piflow._rollout bit for bit (run eagerly, no compile)."""
     B, C, spatial, shift, total, tau_from, tau_to, chained, seed = case
-    g = torch.Generator().manual_seed(seed)
-    sigma_src, x = _source(B, C, spatial, shift, tau_from, chained, g)
-    x_src = torch.randn(B, C, *spatial, generator=g)
-    x = x_src if x is None else x
+    g, sigma_src, x_src, x = _source(B, C, spatial, shift, tau_from, chained, seed)
     policy = piflow.GMPolicy.from_x0(torch.randn(B, K, C, *spatial, generator=g),
                                      torch.randn(B, K, 1, *spatial, generator=g).log_softmax(1),
                                      0.5 * torch.rand(B, generator=g), x_src, sigma_src)

@@ -82,7 +82,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     for name, ok, accepted in [
             ("--nfe", args.nfe >= 1, "an integer >= 1"), ("--steps", args.steps >= 1, "an integer >= 1"),
-            ("--K", args.K >= 1, ">= 1"), ("--total-substeps", args.total_substeps >= 1, "an integer >= 1"), ("--N", args.N >= 1, ">= 1"),
+            ("--K", args.K >= 1, ">= 1"), ("--N", args.N >= 1, ">= 1"),
+            ("--total-substeps", args.total_substeps >= 1, "an integer >= 1"),
             ("--micro-batch", args.micro_batch >= 1 and args.batch_size % args.micro_batch == 0,
              f"a divisor of --batch-size={args.batch_size}"),
             ("--gm-dropout", 0 <= args.gm_dropout < 1, "a probability in [0, 1)"),
