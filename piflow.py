@@ -12,6 +12,7 @@ Read it top to bottom; every part depends only on the parts above it.
        data-dependent (Alg. 2) and data-free (Alg. 3) training steps, teacher CFG
     6. Few-step sampler (elastic NFE, GM temperature)
     7. EMA of the student weights (Karras power schedule)
+    8. Student output heads: a network's widened output -> policy, initialised from the teacher (App. C)
 
 Conventions (as in the paper and the official code):
     x_sigma = (1 - sigma) * x0 + sigma * eps      sigma = 1 is pure noise, alpha = 1 - sigma
@@ -24,11 +25,16 @@ checkpoints: x (B, C, H, W); GM means (B, K, C, H, W), logweights (B, K, 1, H, W
 logstds (B, 1, 1, 1, 1). Any number of trailing spatial dims works, including none.
 
 The student is any callable `student(x_t, sigma, cond) -> policy`; the teacher is any callable
-`teacher(x_t, sigma, cond) -> u`. Nothing here knows about SiT, FLUX or Qwen-Image.
+`teacher(x_t, sigma, cond) -> u`. With cond=None (an unconditional model) both are called as f(x_t, sigma).
+A policy is any object with the `Policy` members below (GMPolicy and DXPolicy are the paper's two).
+Nothing here knows about SiT, FLUX or Qwen-Image.
 """
+import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+import torch.nn as nn
 import torch.utils.checkpoint
 
 
@@ -36,12 +42,28 @@ def _fail(name, given, accepted):
     raise ValueError(f"{name}={given!r} is not accepted; expected {accepted}")
 
 
+class Policy(Protocol):
+    """The policy contract (§3): a network-free velocity field valid for sigma_t <= sigma_src."""
+    x_src: torch.Tensor          # (B, C, *sp) the state the student was called on
+    sigma_src: torch.Tensor      # (B,) its noise level
+
+    def velocity(self, x_t, sigma_t): ...   # pi(x_t, t) -> (B, C, *sp)
+
+    def detach(self): ...                   # the stop-gradient policy pi_D (Alg. 1 line 4)
+
+
+def call(fn, x_t, sigma, cond):
+    """fn(x_t, sigma, cond), or fn(x_t, sigma) for an unconditional model (cond is None)."""
+    return fn(x_t, sigma) if cond is None else fn(x_t, sigma, cond)
+
+
 #################################################################################
 #                     1. Conventions and time shifting (§2, B.4)                #
 #################################################################################
 
-def expand_as_batch(v, x):
-    """View a per-sample value v of shape (B,) (or a scalar) as (B, 1, 1, ...) to broadcast against x."""
+def append_dims(v, x):
+    """View a per-sample value v of shape (B,) (or a scalar) as (B, 1, 1, ...) to broadcast against x
+    (k-diffusion's append_dims)."""
     v = torch.as_tensor(v, device=x.device)
     if v.dim() == 0:
         v = v.expand(x.shape[0])
@@ -67,18 +89,18 @@ def unwarp_time(sigma, shift=1.0):
 
 def diffuse(x0, noise, sigma):
     """Forward diffusion (§2): x_sigma = (1 - sigma) x0 + sigma eps."""
-    s = expand_as_batch(sigma, x0)
+    s = append_dims(sigma, x0)
     return (1 - s) * x0 + s * noise
 
 
 def u_to_x0(x_t, sigma, u):
     """x0 = x_t - sigma u (u-to-x0 reparameterisation, §2 Eq. 2)."""
-    return x_t - expand_as_batch(sigma, x_t) * u
+    return x_t - append_dims(sigma, x_t) * u
 
 
 def x0_to_u(x_t, sigma, x0):
     """u = (x_t - x0) / sigma."""
-    return (x_t - x0) / expand_as_batch(sigma, x_t)
+    return (x_t - x0) / append_dims(sigma, x_t)
 
 
 def nfe_schedule(nfe, shift=1.0, final_step_scale=1.0):
@@ -103,7 +125,7 @@ def _sigma_src(sigma_src, x_src):
     sigma_src = as_batch(sigma_src, x_src)
     if sigma_src.shape != (x_src.shape[0],):
         _fail("sigma_src.shape", tuple(sigma_src.shape), f"a scalar or ({x_src.shape[0]},)")
-    if bool(((sigma_src <= 0) | (sigma_src > 1)).any()):
+    if not bool(((sigma_src > 0) & (sigma_src <= 1)).all()):                  # also rejects NaN
         _fail("sigma_src", sigma_src.tolist(), "values in (0, 1]")
     return sigma_src
 
@@ -135,22 +157,29 @@ class DXPolicy:
         self.tau_dst = (tau_src - segment_size).clamp(min=0)                    # (B,)
         self.seg = (tau_src - self.tau_dst).clamp(min=eps)                      # (B,)
 
+    def grid_weights(self, sigma_t):
+        """Interpolation rows and weight for noise levels sigma_t (B, ...): x0 = (1 - w) g[i0] + w g[i0 + 1]."""
+        N = self.x0_grid.shape[1]
+        tau = unwarp_time(sigma_t, self.shift)
+        tau_dst, seg = (append_dims(v, tau) if tau.dim() > 1 else v for v in (self.tau_dst, self.seg))
+        p = ((tau - tau_dst) / seg).clamp(0, 1) * (N - 1)                       # fractional grid index
+        i0 = p.floor().clamp(0, max(N - 2, 0)).long()
+        return i0, p - i0
+
     def x0(self, sigma_t):
         """x0_hat(t): linear interpolation over the grid in raw time."""
         B, N = self.x0_grid.shape[:2]
         if N == 1:
             return self.x0_grid[:, 0]
-        tau = unwarp_time(as_batch(sigma_t, self.x_src), self.shift)
-        p = ((tau - self.tau_dst) / self.seg).clamp(0, 1) * (N - 1)             # (B,) fractional grid index
-        i0 = p.floor().clamp(0, N - 2).long()
-        w = expand_as_batch(p - i0, self.x_src)
-        b = torch.arange(B, device=p.device)
+        i0, w = self.grid_weights(as_batch(sigma_t, self.x_src))               # (B,), (B,)
+        w = append_dims(w, self.x_src)
+        b = torch.arange(B, device=i0.device)
         return (1 - w) * self.x0_grid[b, i0] + w * self.x0_grid[b, i0 + 1]      # (B, C, H, W)
 
     def velocity(self, x_t, sigma_t):
         """pi(x_t, t) = (x_t - x0_hat(t)) / t (§3.1)."""
         sigma_t = as_batch(sigma_t, x_t)
-        return (x_t - self.x0(sigma_t)) / expand_as_batch(sigma_t.clamp(min=self.eps), x_t)
+        return (x_t - self.x0(sigma_t)) / append_dims(sigma_t.clamp(min=self.eps), x_t)
 
     def detach(self):
         new = object.__new__(DXPolicy)
@@ -179,8 +208,8 @@ def gm_posterior_mean(x_t, sigma_t, x_src, sigma_src, means_x, logweights, var_x
     """
     dtype = torch.promote_types(means_x.dtype, torch.float32)
     x_t, x_src = x_t.to(dtype), x_src.to(dtype)
-    s_t = expand_as_batch(as_batch(sigma_t, x_t, dtype), x_t).clamp(min=eps)       # (B, 1, 1, 1)
-    s_src = expand_as_batch(as_batch(sigma_src, x_t, dtype), x_t).clamp(min=eps)
+    s_t = append_dims(as_batch(sigma_t, x_t, dtype), x_t).clamp(min=eps)       # (B, 1, 1, 1)
+    s_src = append_dims(as_batch(sigma_src, x_t, dtype), x_t).clamp(min=eps)
     r_t, r_src = (1 - s_t) / s_t, (1 - s_src) / s_src                               # alpha / sigma
     zeta = (r_t ** 2 - r_src ** 2).unsqueeze(1)                                     # (B, 1, 1, 1, 1)
     nu = (r_t * x_t / s_t - r_src * x_src / s_src).unsqueeze(1)                     # (B, 1, C, H, W)
@@ -210,10 +239,13 @@ class GMPolicy:
 
     def __init__(self, means, logweights, logstds, x_src, sigma_src, eps=1e-6):
         _check_gm_shapes(means, logweights, x_src)
+        if logstds.shape != (means.shape[0],) + (1,) * (means.dim() - 1):
+            _fail("logstds.shape", tuple(logstds.shape), f"{(means.shape[0],) + (1,) * (means.dim() - 1)} "
+                  "(one log-std per sample, shared by all components, channels and pixels)")
         dtype = torch.promote_types(means.dtype, torch.float32)
         x_src = x_src.to(dtype)
         sigma_src = _sigma_src(sigma_src, x_src)
-        s = expand_as_batch(sigma_src, means)                                  # (B, 1, 1, 1, 1)
+        s = append_dims(sigma_src, means)                                  # (B, 1, 1, 1, 1)
         means_x = x_src.unsqueeze(1) - s * means.to(dtype)                     # (B, K, C, H, W)  Eq. 21
         var_x = torch.exp(2 * logstds.to(dtype)) * s ** 2                      # (B, 1, 1, 1, 1)  s_x^2
         self._set(means_x, logweights.to(dtype), var_x, x_src, sigma_src, eps)
@@ -255,7 +287,7 @@ class GMPolicy:
         """pi(x_t, t) = (x_t - E[x0 | x_t]) / t (Eq. 28)."""
         sigma_t = as_batch(sigma_t, x_t)
         x0 = self.posterior_mean(x_t, sigma_t)
-        return (x_t.to(x0.dtype) - x0) / expand_as_batch(sigma_t.clamp(min=self.eps), x0)
+        return (x_t.to(x0.dtype) - x0) / append_dims(sigma_t.clamp(min=self.eps), x0)
 
     def detach(self):
         """The stop-gradient policy pi_D (Alg. 1 line 4)."""
@@ -296,33 +328,51 @@ def rollout_substeps(tau_from, tau_to, total_substeps=128):
     return torch.round(total_substeps * (tau_from - tau_to)).clamp(min=1).long()
 
 
+def euler_grid(x, tau_from, tau_to, shift, total_substeps):
+    """The rollout's Euler grid: substep counts n (B,) and sigma nodes (B, max n + 1), uniform in raw time.
+
+    tau_i = tau_from - i (tau_from - tau_to) / n, the node i = n exactly tau_to, sigma_i = warp(tau_i); entries
+    past a sample's n repeat tau_to (those substeps are masked out). Shared by the PyTorch loop and the kernel.
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    tau_from, tau_to = as_batch(tau_from, x, dtype), as_batch(tau_to, x, dtype)
+    n = rollout_substeps(tau_from, tau_to, total_substeps)                     # (B,)
+    dtau = (tau_from - tau_to) / n
+    i = torch.arange(1, int(n.max()) + 1, device=x.device, dtype=dtype)        # (S,)
+    tau = torch.where(i[None] >= n[:, None], tau_to[:, None], tau_from[:, None] - i[None] * dtau[:, None])
+    return n, torch.cat([warp_time(tau_from, shift)[:, None], warp_time(tau, shift)], 1)  # (B,), (B, S + 1)
+
+
+def _fused_rollout(policy, x, n, sigma):
+    """The whole rollout in one Triton launch (piflow_kernels), or None where the kernel does not apply."""
+    try:
+        import piflow_kernels
+    except ImportError:
+        return None
+    if isinstance(policy, GMPolicy):
+        return piflow_kernels.gm_rollout(x, policy.x_src, policy.sigma_src, policy.means_x, policy.logweights,
+                                         policy.var_x, n, sigma, policy.eps)
+    if isinstance(policy, DXPolicy):
+        i0, w = policy.grid_weights(sigma)                                      # (B, S + 1) rows and weights
+        return piflow_kernels.dx_rollout(x, policy.x0_grid, i0, w, n, sigma, policy.eps)
+    return None
+
+
 def _rollout(policy, x, tau_from, tau_to, shift, total_substeps, backend="auto"):
     """Euler integration of dx/dsigma = pi(x, sigma) on a per-sample grid uniform in raw time (unchecked)."""
+    n, sigma = euler_grid(x, tau_from, tau_to, shift, total_substeps)
     if backend == "fused" or (backend == "auto" and x.is_cuda and not torch.is_grad_enabled()):
-        try:
-            import piflow_kernels  # one Triton kernel per rollout; returns None for cases it does not handle
-            out = piflow_kernels.fused_policy_rollout(policy, x, tau_from, tau_to, shift, total_substeps)
-        except ImportError:
-            if backend == "fused":
-                raise
-            out = None
+        out = _fused_rollout(policy, x, n, sigma)
         if out is not None:
             return out
         if backend == "fused":
             raise ValueError("backend='fused' cannot handle this rollout (needs triton, CUDA or TRITON_INTERPRET=1, "
-                             "float32 and no gradient); use backend='auto' or 'torch'")
-    x = x.to(torch.promote_types(x.dtype, torch.float32))
-    tau_from, tau_to = as_batch(tau_from, x), as_batch(tau_to, x)
-    n = rollout_substeps(tau_from, tau_to, total_substeps)                     # (B,)
-    dtau = (tau_from - tau_to) / n
-    sigma = warp_time(tau_from, shift)
-    for i in range(int(n.max())):
-        active = i < n                                                          # (B,) samples still moving
-        tau_next = torch.where(i + 1 == n, tau_to, tau_from - (i + 1) * dtau)
-        sigma_next = warp_time(tau_next, shift)
-        u = policy.velocity(x, sigma)
-        x = torch.where(expand_as_batch(active, x), x + u * expand_as_batch(sigma_next - sigma, x), x)
-        sigma = torch.where(active, sigma_next, sigma)
+                             "a GM or DX policy in float32 and no gradient); use backend='auto' or 'torch'")
+    x = x.to(sigma.dtype)
+    for i in range(sigma.shape[1] - 1):
+        u = policy.velocity(x, sigma[:, i])
+        step = x + u * append_dims(sigma[:, i + 1] - sigma[:, i], x)
+        x = torch.where(append_dims(i < n, x), step, x)                        # finished samples stay put
     return x
 
 
@@ -338,7 +388,7 @@ def policy_rollout(policy, x, tau_from, tau_to, shift=1.0, total_substeps=128, b
     if not (isinstance(total_substeps, int) and total_substeps >= 1):
         _fail("total_substeps", total_substeps, "an integer >= 1")
     tau_from, tau_to = as_batch(tau_from, x), as_batch(tau_to, x)
-    if bool(((tau_from > 1) | (tau_to < 0)).any()):
+    if not bool(((tau_from <= 1) & (tau_to >= 0)).all()):                    # also rejects NaN
         _fail("tau_from/tau_to", (tau_from.tolist(), tau_to.tolist()), "raw times in [0, 1]")
     if bool((tau_to >= tau_from).any()):
         _fail("tau_to", tau_to.tolist(), f"values < tau_from={tau_from.tolist()} (t_dst < t_src)")
@@ -358,20 +408,24 @@ class PiIDConfig:
     num_intermediate: int = 2      # intermediate states (teacher queries) per student call
     window_substeps: int = 0       # micro-window size in substeps (Eq. 6): 0 on ImageNet GM, 3 on T2I
     gm_dropout: float = 0.0        # GM dropout on the detached rollout policy: 0.05 ImageNet, 0.1 T2I
-    loss_scale: float = 1.0        # constant loss multiplier: 3 on ImageNet, 30 on T2I
+    loss_scale: float = 1.0        # constant loss rescale of the published configs (not in the paper): 3 / 30
     decay_iters: int = 0           # trajectory mixing (Eq. 5): teacher ratio 1 -> 0 over this many steps
     eps: float = 1e-4              # raw-time floor and window-secant clamp
     rollout_backend: str = "auto"  # 'auto' | 'torch' | 'fused' for the detached rollouts
 
     def __post_init__(self):
-        checks = [("nfe", self.nfe >= 1 and isinstance(self.nfe, int), "an integer >= 1"),
-                  ("shift", self.shift > 0, "> 0"),
+        checks = [("nfe", isinstance(self.nfe, int) and self.nfe >= 1, "an integer >= 1"),
+                  ("shift", self.shift > 0 and math.isfinite(self.shift), "a finite value > 0"),
                   ("final_step_scale", 0 < self.final_step_scale <= 1, "a value in (0, 1]"),
-                  ("total_substeps", self.total_substeps >= 1, "an integer >= 1"),
-                  ("num_intermediate", self.num_intermediate >= 1, "an integer >= 1"),
-                  ("window_substeps", self.window_substeps >= 0, "an integer >= 0"),
+                  ("total_substeps", isinstance(self.total_substeps, int) and self.total_substeps >= 1,
+                   "an integer >= 1"),
+                  ("num_intermediate", isinstance(self.num_intermediate, int) and self.num_intermediate >= 1,
+                   "an integer >= 1"),
+                  ("window_substeps", isinstance(self.window_substeps, int) and self.window_substeps >= 0,
+                   "an integer >= 0"),
                   ("gm_dropout", 0 <= self.gm_dropout < 1, "a probability in [0, 1)"),
-                  ("decay_iters", self.decay_iters >= 0, "an integer >= 0"),
+                  ("loss_scale", self.loss_scale > 0 and math.isfinite(self.loss_scale), "a finite value > 0"),
+                  ("decay_iters", isinstance(self.decay_iters, int) and self.decay_iters >= 0, "an integer >= 0"),
                   ("rollout_backend", self.rollout_backend in ("auto", "torch", "fused"), "auto|torch|fused")]
         for name, ok, accepted in checks:
             if not ok:
@@ -398,14 +452,14 @@ def guided_teacher(teacher, guidance, null_cond, interval=(0.0, 1.0)):
     """
     lo, hi = interval
 
-    def guided(x_t, sigma, cond):
+    def guided(x_t, sigma, cond=None):
         if guidance == 1:
-            return teacher(x_t, sigma, cond)
+            return call(teacher, x_t, sigma, cond)
         sigma = as_batch(sigma, x_t)
-        u = teacher(torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), _cat_cond(null_cond, cond))
+        u = call(teacher, torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), _cat_cond(null_cond, cond))
         u_null, u_cond = u.chunk(2)
         w = torch.where((sigma >= lo) & (sigma <= hi), float(guidance), 1.0)    # (B,)
-        return u_null + expand_as_batch(w, u_cond).to(u_cond.dtype) * (u_cond - u_null)
+        return u_null + append_dims(w, u_cond).to(u_cond.dtype) * (u_cond - u_null)
     return guided
 
 
@@ -417,16 +471,15 @@ def teacher_ratio(step, decay_iters):
 def sample_segment(batch, cfg, generator=None, device=None):
     """Pick the NFE segment [tau_src - seg, tau_src] of each sample (Alg. 2 lines 3-5).
 
-    tau' ~ U(0, 1] selects the segment containing it, so segments are chosen with probability proportional to
-    their raw length (the shortened final step is chosen less often). Returns tau_src (B,) and seg (B,).
+    tau' ~ U(0, 1] selects the segment of the nfe_schedule grid that contains it, so segments are chosen with
+    probability proportional to their raw length (the shortened final step is chosen less often).
+    Returns tau_src (B,) and seg (B,).
     """
-    s = max(cfg.final_step_scale, cfg.eps)
-    delta = 1.0 / (cfg.nfe - (1 - s))
+    taus, _ = nfe_schedule(cfg.nfe, 1.0, cfg.final_step_scale)                 # raw boundaries 1 > ... > 0
+    taus = taus.to(device)
     tau_p = (1 - torch.rand(batch, generator=generator, device=device, dtype=torch.float64)).clamp(min=cfg.eps)
-    idx = torch.ceil(tau_p / delta + (1 - s)).clamp(1, cfg.nfe)
-    tau_src = ((idx - (1 - s)) * delta).clamp(cfg.eps, 1)
-    seg = torch.where(idx == 1, s * delta, delta)
-    return tau_src.float(), seg.float()
+    i = (taus[1:-1, None] >= tau_p).sum(0)                                     # (B,) tau_{i+1} < tau' <= tau_i
+    return taus[i].float(), (taus[i] - taus[i + 1]).float()
 
 
 def average_velocity(policy, x_a, tau_a, tau_end, cfg):
@@ -443,8 +496,8 @@ def average_velocity(policy, x_a, tau_a, tau_end, cfg):
     tau_end = torch.where(use_avg, tau_end, tau_a - 1.0 / cfg.total_substeps).clamp(min=0)
     x_end = _rollout(policy, x_a, tau_a, tau_end, cfg.shift, cfg.total_substeps, backend="torch")
     d_sigma = (sigma_a - warp_time(tau_end, cfg.shift)).clamp(min=cfg.eps)
-    avg = (x_a.to(x_end.dtype) - x_end) / expand_as_batch(d_sigma, x_end)
-    return torch.where(expand_as_batch(use_avg, avg), avg, local)
+    avg = (x_a.to(x_end.dtype) - x_end) / append_dims(d_sigma, x_end)
+    return torch.where(append_dims(use_avg, avg), avg, local)
 
 
 def piid_segment_loss(policy, teacher, cond, tau_src, seg, cfg, ratio=0.0, generator=None, return_x_dst=False):
@@ -482,11 +535,11 @@ def piid_segment_loss(policy, teacher, cond, tau_src, seg, cfg, ratio=0.0, gener
         with torch.no_grad():
             x_a = _rollout(pi_D, x_last, tau_last, tau_a, cfg.shift, cfg.total_substeps, cfg.rollout_backend)
             sigma_a = warp_time(tau_a, cfg.shift)
-            u_teacher = teacher(x_a, sigma_a, cond).to(x_a.dtype)            # G_theta(x_t, t)
+            u_teacher = call(teacher, x_a, sigma_a, cond).to(x_a.dtype)      # G_theta(x_t, t)
         pred = average_velocity(policy, x_a, tau_a, (tau_b - window).clamp(min=0), cfg)
         losses.append(0.5 * (pred - u_teacher).pow(2).flatten(1).mean(1))     # (B,)
         with torch.no_grad():                                                 # teacher Euler step (Eq. 5)
-            x_last = x_a + u_teacher * expand_as_batch(warp_time(tau_b, cfg.shift) - sigma_a, x_a)
+            x_last = x_a + u_teacher * append_dims(warp_time(tau_b, cfg.shift) - sigma_a, x_a)
         tau_last = tau_b
     loss = cfg.loss_scale * torch.stack(losses).mean(0)                       # (B,)
     x_dst = None
@@ -497,25 +550,26 @@ def piid_segment_loss(policy, teacher, cond, tau_src, seg, cfg, ratio=0.0, gener
     return loss, x_dst
 
 
-def piid_data_dependent(student, teacher, x0, cond, cfg, step=0, generator=None):
+def piid_data_dependent(student, teacher, x0, cond=None, cfg=PiIDConfig(), step=0, generator=None):
     """Data-dependent on-policy π-ID with time shifting (Alg. 2): x_src by forward diffusion of real data."""
     B = x0.shape[0]
     tau_src, seg = sample_segment(B, cfg, generator, x0.device)
     sigma_src = warp_time(tau_src, cfg.shift)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_src = diffuse(x0, noise, sigma_src)                                     # Alg. 2 line 7
-    policy = student(x_src, sigma_src, cond)                                  # Alg. 2 line 8
+    policy = call(student, x_src, sigma_src, cond)                            # Alg. 2 line 8
     loss, _ = piid_segment_loss(policy, teacher, cond, tau_src, seg, cfg,
                                 teacher_ratio(step, cfg.decay_iters), generator)
     return loss.mean()
 
 
-def piid_data_free(student, teacher, noise, cond, cfg, step=0, generator=None, backward=None):
+def piid_data_free(student, teacher, noise, cond=None, cfg=PiIDConfig(), step=0, generator=None, backward=None):
     """Data-free on-policy π-ID with time shifting (Alg. 3): states come from the student's own rollout.
 
-    Walks all NFE segments from pure noise; each segment's loss is weighted by its raw length
-    (tau_src - tau_dst). If `backward` is given it is called on each segment's loss (gradients accumulate,
-    no graph is kept across segments, as in the official code) and the returned total is detached.
+    Walks all NFE segments from pure noise; each segment's loss is weighted by its raw length tau_src - tau_dst
+    (Alg. 3 line 13). If `backward` is given it is called on each segment's loss and the returned total is
+    detached. One backward per segment gives the same gradient as one over the sum: the next segment starts
+    from x_dst of the detached policy pi_D (Alg. 3 line 14), so no graph crosses segments.
     """
     taus, _ = nfe_schedule(cfg.nfe, cfg.shift, cfg.final_step_scale)
     ratio = teacher_ratio(step, cfg.decay_iters)
@@ -523,7 +577,7 @@ def piid_data_free(student, teacher, noise, cond, cfg, step=0, generator=None, b
     for i in range(cfg.nfe):
         tau_src = as_batch(float(taus[i]), noise)
         seg = as_batch(float(taus[i] - taus[i + 1]), noise)
-        policy = student(x, warp_time(tau_src, cfg.shift), cond)
+        policy = call(student, x, warp_time(tau_src, cfg.shift), cond)
         loss, x = piid_segment_loss(policy, teacher, cond, tau_src, seg, cfg, ratio, generator, return_x_dst=True)
         loss = loss.mean() * float(taus[i] - taus[i + 1])
         if backward is not None:
@@ -555,15 +609,37 @@ def resolve_temperature(temperature, nfe):
     return temperature
 
 
+def schedule_settings(student=None, cfg=None, **given):
+    """The training schedule a sampler must keep (shift, final_step_scale, total_substeps, nfe).
+
+    Taken from `cfg`, else from the student's `piid_config` (the trainers set it), else the given values or the
+    PiIDConfig defaults. A given shift or final_step_scale that contradicts a known training config raises:
+    the policies were trained on that schedule. nfe and total_substeps may differ (elastic inference, finer
+    rollouts).
+    """
+    cfg = cfg or getattr(student, "piid_config", None)
+    if cfg is not None:
+        for name in ("shift", "final_step_scale"):
+            if given.get(name) is not None and given[name] != getattr(cfg, name):
+                _fail(name, given[name], f"the training value {getattr(cfg, name)!r} of the student's PiIDConfig")
+    base = cfg or PiIDConfig()
+    return {k: given.get(k) if given.get(k) is not None else getattr(base, k)
+            for k in ("nfe", "shift", "final_step_scale", "total_substeps")}
+
+
 @torch.no_grad()
-def sample(student, noise, cond, nfe, shift=1.0, final_step_scale=1.0, temperature=None, total_substeps=128,
-           backend="auto", progress=False):
+def sample(student, noise, cond=None, nfe=None, shift=None, final_step_scale=None, temperature=None,
+           total_substeps=None, backend="auto", progress=False, cfg=None):
     """π-Flow sampling: NFE student calls, each followed by a dense policy rollout (§3, Fig. 2c).
 
+    Schedule settings default to the training config (`cfg` or student.piid_config, see schedule_settings).
     Any nfe >= 1 works for a GM student (elastic inference). temperature: None (off), a value > 0, or 'auto';
     it is applied to GM policies on every step but the last (App. B.1).
     """
-    taus, _ = nfe_schedule(nfe, shift, final_step_scale)
+    c = schedule_settings(student, cfg, nfe=nfe, shift=shift, final_step_scale=final_step_scale,
+                          total_substeps=total_substeps)
+    nfe, shift = c["nfe"], c["shift"]
+    taus, _ = nfe_schedule(nfe, shift, c["final_step_scale"])
     T = resolve_temperature(temperature, nfe)
     steps = range(nfe)
     if progress:
@@ -572,10 +648,10 @@ def sample(student, noise, cond, nfe, shift=1.0, final_step_scale=1.0, temperatu
     x = noise
     for i in steps:
         tau_src, tau_dst = as_batch(float(taus[i]), x), as_batch(float(taus[i + 1]), x)
-        policy = student(x, warp_time(tau_src, shift), cond)
+        policy = call(student, x, warp_time(tau_src, shift), cond)
         if T is not None and i < nfe - 1 and isinstance(policy, GMPolicy):
             policy = policy.temperature(T)
-        x = _rollout(policy, x, tau_src, tau_dst, shift, total_substeps, backend)
+        x = _rollout(policy, x, tau_src, tau_dst, shift, c["total_substeps"], backend)
     return x
 
 
@@ -591,11 +667,95 @@ def ema_beta(step, gamma=7.0, start=0):
 
 
 @torch.no_grad()
-def ema_update(ema_model, model, beta):
-    """ema <- beta ema + (1 - beta) theta for parameters; buffers are copied."""
-    params = dict(model.named_parameters())
-    for name, p_ema in ema_model.named_parameters():
+def ema_update(ema, model, beta):
+    """ema <- beta ema + (1 - beta) theta. ema / model: nn.Modules (buffers are copied) or name -> tensor dicts
+    (e.g. only the trainable parameters of a LoRA student, as the published EMA keeps them)."""
+    params = model if isinstance(model, dict) else dict(model.named_parameters())
+    for name, p_ema in (ema.items() if isinstance(ema, dict) else ema.named_parameters()):
         p_ema.lerp_(params[name].to(p_ema.dtype), 1 - beta)
-    buffers = dict(model.named_buffers())
-    for name, b_ema in ema_model.named_buffers():
-        b_ema.copy_(buffers[name])
+    if not isinstance(ema, dict):
+        buffers = dict(model.named_buffers())
+        for name, b_ema in ema.named_buffers():
+            b_ema.copy_(buffers[name])
+
+
+#################################################################################
+#        8. Student output heads, initialised from the teacher (App. C.1)       #
+#################################################################################
+# A π-Flow student is the teacher network with its output layer widened into a policy head. The published
+# GM students name the layers proj_out_means / proj_out_logweights / proj_out_logstds on the network itself;
+# these helpers create, initialise and read them for any backbone (toy MLP, SiT/DiT, FLUX, Qwen-Image).
+# Token layouts: a "channel-last" token holds (S sub-positions, C channels), e.g. DiT's (p1, p2, c); a
+# "channel-first" token holds (C, S), e.g. the (c, ph, pw) packing of FLUX / Qwen-Image. Widening inserts the
+# K copies just outside C: (S, K, C) or (K, C, S), which is the model's own unpatchify of K*C channels.
+
+def logstd_mlp(in_dim, inner_dim=1024, num_layers=2):
+    """GM log-std head: [SiLU, Linear(in, inner)] x (num_layers - 1), then SiLU, Linear(., 1) (App. C.1).
+
+    It reads the detached conditioning embedding, so s is one scalar per sample. The last layer starts at
+    weight 0, bias log 0.05 (s_u = 0.05, as the published students)."""
+    layers, d = [], in_dim
+    for _ in range(num_layers - 1):
+        layers += [nn.SiLU(), nn.Linear(d, inner_dim)]
+        d = inner_dim
+    mlp = nn.Sequential(*layers, nn.SiLU(), nn.Linear(d, 1))
+    nn.init.zeros_(mlp[-1].weight)
+    nn.init.constant_(mlp[-1].bias, math.log(0.05))
+    return mlp
+
+
+def add_gm_head(net, dim, K, C, S=1, logweight_channels=None, emb_dim=None, logstd_inner_dim=1024,
+                logstd_layers=2, constant_logstd=None):
+    """Give `net` the published GM output layers: proj_out_means (dim -> K S C), proj_out_logweights
+    (dim -> K logweight_channels; S per token, or 1 shared by the token as in pi-FLUX.2) and proj_out_logstds
+    (logstd_mlp on the emb_dim conditioning), or a fixed `constant_logstd`. Call init_gm_head next."""
+    net.proj_out_means = nn.Linear(dim, K * S * C)
+    net.proj_out_logweights = nn.Linear(dim, K * (S if logweight_channels is None else logweight_channels))
+    if constant_logstd is None:
+        net.proj_out_logstds = logstd_mlp(emb_dim or dim, logstd_inner_dim, logstd_layers)
+    net.constant_logstd = constant_logstd
+
+
+def gm_logstds(net, emb):
+    """log s per sample (B,): the logstd MLP on the *detached* embedding (B, D), or the constant."""
+    if getattr(net, "constant_logstd", None) is not None:
+        return emb.new_full((emb.shape[0],), float(net.constant_logstd))
+    return net.proj_out_logstds(emb.detach()).reshape(-1)
+
+
+def gm_policy(means, logits, logstds, x_t, sigma):
+    """GMPolicy from raw head outputs: means (B, K, C, *sp) in u space, logits (B, K, 1, *sp) (log-softmax over
+    K in float32 here), logstds (B,). Network outputs may be bf16; the policy runs in float32 (recipe §2.5)."""
+    logstds = logstds.float().reshape(-1, *([1] * (means.dim() - 1)))                # (B, 1, 1, 1, 1)
+    return GMPolicy(means.float(), logits.float().log_softmax(1), logstds, x_t, sigma)
+
+
+@torch.no_grad()
+def widen_from_teacher(weight, bias, copies, C, channel_last, noise_std=0.0, generator=None):
+    """The teacher's output layer (weight (S C, D), bias (S C)) repeated `copies` times in the token layout
+    (S, copies, C) if channel_last else (copies, C, S), plus bias noise N(0, noise_std^2) per (copy, channel)
+    shared by the S sub-positions. GM means: copies = K, noise 0.05; DX grid: copies = N, no noise (App. C.1)."""
+    D = weight.shape[1]
+    shape = (-1, 1, C) if channel_last else (1, C, -1)                        # where the copies go: dim 1 / 0
+    W, b = weight.reshape(*shape, D), bias.reshape(shape)
+    noise = torch.randn(copies, C, generator=generator, dtype=torch.float32) * noise_std   # (copies, C)
+    if channel_last:
+        W, b = W.expand(-1, copies, C, D), b + noise[None].to(b)              # (S, copies, C[, D])
+    else:
+        W, b = W.expand(copies, C, -1, D), b + noise[:, :, None].to(b)        # (copies, C, S[, D])
+    return W.reshape(-1, D).clone(), b.reshape(-1).clone()
+
+
+@torch.no_grad()
+def init_gm_head(net, weight, bias, K, C, channel_last, bias_noise=0.05, generator=None):
+    """Initialise net's GM head from the teacher's output layer (App. C.1, recipe §6.1): every mean starts as
+    the teacher's u prediction (+ bias noise to break the symmetry), weights uniform, s = 0.05. So at step 0
+    the policy's velocity at (x_src, sigma_src) equals the teacher's, up to the bias noise."""
+    W, b = widen_from_teacher(weight, bias, K, C, channel_last, bias_noise, generator)
+    net.proj_out_means.weight.copy_(W)
+    net.proj_out_means.bias.copy_(b)
+    nn.init.zeros_(net.proj_out_logweights.weight)
+    nn.init.zeros_(net.proj_out_logweights.bias)
+    if getattr(net, "constant_logstd", None) is None:
+        nn.init.zeros_(net.proj_out_logstds[-1].weight)
+        nn.init.constant_(net.proj_out_logstds[-1].bias, math.log(0.05))

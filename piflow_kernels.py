@@ -1,30 +1,26 @@
-"""Fast policy engine: a whole π-Flow policy rollout in one Triton kernel launch (issue 6).
+"""Fast policy engine: a whole π-Flow policy rollout in one Triton kernel launch.
 
 The GM posterior (App. F, Eq. 22-27) and the DX interpolation (§3.1) are independent per pixel, and the
 Euler grid of a rollout (Alg. 1 line 7) depends only on per-sample times. So for a fixed sigma grid one
 program can take a block of pixels of one sample, keep their K*C means, K log-weights, x_src and x in
 registers, run every substep there, and write x once: one launch per rollout instead of ~10 per substep.
 
-    fused_policy_rollout(policy, x, tau_from, tau_to, shift, total_substeps) -> x at tau_to, or None
-        the kernel path; piflow.policy_rollout(backend='auto') calls it on CUDA for no-grad rollouts.
-        None means "case not handled" (no triton, CPU tensors without TRITON_INTERPRET=1, float64, grad,
-        unknown policy class, or PIFLOW_NO_FUSED=1 in the environment); the caller then runs the plain
-        PyTorch loop in piflow.py.
-    compiled_policy_rollout(...)  the middle option: torch.compile(mode="reduce-overhead") of the reference
-        Euler loop (piflow's own policy.velocity), whole (one graph per substep count) or per substep.
+This module takes plain tensors and never imports piflow: piflow._rollout builds the Euler grid
+(piflow.euler_grid, so both paths step on bit-identical times) and calls
 
-The sigma grid is computed on the host with the same torch ops as piflow._rollout (tau_i = tau_from - i dtau,
-the last node exactly tau_to, sigma = warp(tau)), so both paths step on bit-identical times; the kernels then
-follow piflow.gm_posterior_mean operation by operation (eps clamps, alpha = 1 - max(sigma, eps),
-denom = max(var_x zeta + 1, eps), softmax over K with -inf for dropped components). Temperature and dropout
-are already folded into the policy's logweights / var_x by GMPolicy.temperature / .dropout.
-Tested on CPU with TRITON_INTERPRET=1 (test_kernels.py); bench.py times it.
+    gm_rollout(x, x_src, sigma_src, means_x, logweights, var_x, n, sigma, eps) -> x at the grid's end, or None
+    dx_rollout(x, x0_grid, i0, w, n, sigma, eps)                                -> x at the grid's end, or None
+    compiled_rollout(velocity, x, n, sigma)   torch.compile(mode="reduce-overhead") of the same Euler loop
+
+None means "case not handled" (no triton, CPU tensors without TRITON_INTERPRET=1, float64, grad, or
+PIFLOW_NO_FUSED=1 in the environment); the caller then runs the plain PyTorch loop. The GM kernel follows
+piflow.gm_posterior_mean operation by operation (eps clamps, alpha = 1 - max(sigma, eps), denom =
+max(var_x zeta + 1, eps), softmax over K with -inf for dropped components); temperature and dropout are
+already folded into logweights / var_x. Tested on CPU with TRITON_INTERPRET=1 (test_kernels.py); bench.py times it.
 """
 import os
 
 import torch
-
-import piflow
 
 try:  # triton is optional: without it every call returns None and piflow uses the PyTorch loop
     import triton
@@ -135,40 +131,25 @@ def interpreting():
 
 
 #################################################################################
-#                          Host side: the Euler grid                            #
+#                     Host side: checks, flat views, launches                   #
 #################################################################################
-
-def euler_grid(x, tau_from, tau_to, shift, total_substeps):
-    """Per-sample substep counts n (B,) and sigma nodes (B, max n + 1) of piflow._rollout's Euler grid.
-
-    Same torch ops as the reference loop: n = max(1, round(total (tau_from - tau_to))), dtau = (tau_from -
-    tau_to) / n, tau_i = tau_from - i dtau with the node i = n set to tau_to exactly, sigma = warp(tau).
-    Entries past a sample's n repeat its last node (never read)."""
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    tau_from, tau_to = piflow.as_batch(tau_from, x, dtype), piflow.as_batch(tau_to, x, dtype)
-    n = piflow.rollout_substeps(tau_from, tau_to, total_substeps)          # (B,)
-    dtau = (tau_from - tau_to) / n
-    i = torch.arange(1, int(n.max()) + 1, device=x.device, dtype=dtype)     # (S,)
-    tau = torch.where(i[None] >= n[:, None], tau_to[:, None], tau_from[:, None] - i[None] * dtau[:, None])
-    sigma = torch.cat([piflow.warp_time(tau_from, shift)[:, None], piflow.warp_time(tau, shift)], 1)
-    return n, sigma                                                          # (B,), (B, S + 1)
-
 
 def _flat(t, lead):
     """View t (lead dims, *spatial) as (lead dims, P) without copying when possible."""
     return t.reshape(*t.shape[:lead], -1)
 
 
-def _supported(policy, x):
+def _supported(x, *tensors):
+    """The kernels run float32 policies on CUDA (or the CPU interpreter), without gradients."""
     if triton is None or os.environ.get("PIFLOW_NO_FUSED", "0") == "1":
         return False
     if not (x.is_cuda or interpreting()):
         return False
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False  # float64 rollouts stay on the (float64) reference path
-    if torch.is_grad_enabled() and x.requires_grad:
+    if any(t.dtype != torch.float32 or t.device != x.device for t in tensors):
         return False
-    return True
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (x,) + tensors))
 
 
 def _launch_shape(P, per_pixel):
@@ -176,74 +157,48 @@ def _launch_shape(P, per_pixel):
     return block, triton.cdiv(P, block)
 
 
-def fused_policy_rollout(policy, x, tau_from, tau_to, shift=1.0, total_substeps=128):
-    """Roll out a GMPolicy or DXPolicy from tau_from to tau_to in one kernel launch; None if not handled.
+def gm_rollout(x, x_src, sigma_src, means_x, logweights, var_x, n, sigma, eps):
+    """GM policy rollout (Eq. 22-28) over the Euler grid (n (B,), sigma (B, S + 1)); float32 x, or None.
 
-    Same contract and result (to float32 round-off) as piflow.policy_rollout(..., backend='torch'):
-    x (B, C, *sp), tau_from / tau_to per-sample (B,) or scalars, returns float32 x at tau_to. No gradient.
+    x, x_src (B, C, *sp); means_x (B, K, C, *sp); logweights (B, K, 1, *sp); var_x (B, 1, ...); sigma_src (B,).
     """
-    if not _supported(policy, x):
+    if not _supported(x, x_src, sigma_src, means_x, logweights, var_x):
         return None
-    if isinstance(policy, piflow.GMPolicy):
-        return _gm_rollout(policy, x, tau_from, tau_to, shift, total_substeps)
-    if isinstance(policy, piflow.DXPolicy):
-        return _dx_rollout(policy, x, tau_from, tau_to, shift, total_substeps)
-    return None
-
-
-def _gm_rollout(policy, x, tau_from, tau_to, shift, total_substeps):
-    mu, lw, var, xs = policy.means_x, policy.logweights, policy.var_x, policy.x_src
-    tensors = (mu, lw, var, xs, policy.sigma_src)
-    if any(t.dtype != torch.float32 or t.device != x.device for t in tensors):
+    B, K, C = means_x.shape[:3]
+    if x.shape != x_src.shape or x.shape[:2] != (B, C) or var_x.numel() != B or logweights.shape[2] != 1:
         return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return None
-    B, K, C = mu.shape[:3]
-    if x.shape != xs.shape or x.shape[:2] != (B, C) or var.numel() != B or lw.shape[2] != 1:
-        return None
-    mu, lw, xs, xf = _flat(mu, 3), _flat(lw[:, :, 0], 2), _flat(xs, 2), _flat(x, 2)  # (B,K,C,P) (B,K,P) (B,C,P)
+    mu, lw = _flat(means_x, 3), _flat(logweights[:, :, 0], 2)                 # (B, K, C, P), (B, K, P)
+    xs, xf = _flat(x_src, 2), _flat(x, 2)                                      # (B, C, P)
     P = xf.shape[2]
-    n, sigma = euler_grid(x, tau_from, tau_to, shift, total_substeps)
     n, sigma = n.to(torch.int32).contiguous(), sigma.contiguous()
-    var, s_src = var.reshape(B).contiguous(), policy.sigma_src.reshape(B).contiguous()
+    var, s_src = var_x.reshape(B).contiguous(), sigma_src.reshape(B).contiguous()
     out = torch.empty(B, C, P, device=x.device, dtype=torch.float32)
     KP, CP = _next_pow2(K), _next_pow2(C)
     block, nprog = _launch_shape(P, KP * CP)
     _kernel(_gm_rollout_kernel)[(nprog, B)](
-        xf, out, xs, mu, lw, var, s_src, sigma, n, P, K, C, sigma.shape[1], float(policy.eps),
+        xf, out, xs, mu, lw, var, s_src, sigma, n, P, K, C, sigma.shape[1], float(eps),
         *xf.stride(), *xs.stride(), *mu.stride(), *lw.stride(), KP=KP, CP=CP, BLOCK=block)
     return out.reshape(x.shape)
 
 
-def dx_interp_table(policy, sigma):
-    """Grid rows (i0, i1) and weight w for every node of a (B, S) sigma table, as DXPolicy.x0 computes them."""
-    N = policy.x0_grid.shape[1]
-    if N == 1:
-        zero = torch.zeros(sigma.shape, dtype=torch.int32, device=sigma.device)
-        return zero, zero, torch.zeros_like(sigma)
-    tau = piflow.unwarp_time(sigma, policy.shift)
-    p = ((tau - policy.tau_dst[:, None]) / policy.seg[:, None]).clamp(0, 1) * (N - 1)
-    i0 = p.floor().clamp(0, N - 2).long()
-    return i0.to(torch.int32), (i0 + 1).to(torch.int32), p - i0
-
-
-def _dx_rollout(policy, x, tau_from, tau_to, shift, total_substeps):
-    g = policy.x0_grid                                                         # (B, N, C, *sp)
-    if g.dtype != torch.float32 or g.device != x.device or (torch.is_grad_enabled() and g.requires_grad):
+def dx_rollout(x, x0_grid, i0, w, n, sigma, eps):
+    """DX policy rollout (§3.1) over the Euler grid; i0, w (B, S + 1) are the grid rows and weights of each
+    node (DXPolicy.grid_weights). float32 x, or None."""
+    if not _supported(x, x0_grid):
         return None
-    B, N, C = g.shape[:3]
-    if x.shape[:2] != (B, C) or x.shape[2:] != g.shape[3:]:
+    B, N, C = x0_grid.shape[:3]
+    if x.shape[:2] != (B, C) or x.shape[2:] != x0_grid.shape[3:]:
         return None
-    g, xf = _flat(g, 3), _flat(x, 2)
+    g, xf = _flat(x0_grid, 3), _flat(x, 2)
     P = xf.shape[2]
-    n, sigma = euler_grid(x, tau_from, tau_to, shift, total_substeps)
-    i0, i1, w = (t.contiguous() for t in dx_interp_table(policy, sigma))
+    i1 = (i0 + 1).clamp(max=N - 1)                                            # N = 1: both rows are row 0
+    i0, i1, w = (t.to(dtype).contiguous() for t, dtype in ((i0, torch.int32), (i1, torch.int32), (w, torch.float32)))
     n, sigma = n.to(torch.int32).contiguous(), sigma.contiguous()
     out = torch.empty(B, C, P, device=x.device, dtype=torch.float32)
     CP = _next_pow2(C)
     block, nprog = _launch_shape(P, CP * 4)
     _kernel(_dx_rollout_kernel)[(nprog, B)](
-        xf, out, g, i0, i1, w, sigma, n, P, C, sigma.shape[1], float(policy.eps),
+        xf, out, g, i0, i1, w, sigma, n, P, C, sigma.shape[1], float(eps),
         *xf.stride(), *g.stride(), CP=CP, BLOCK=block)
     return out.reshape(x.shape)
 
@@ -252,32 +207,30 @@ def _dx_rollout(policy, x, tau_from, tau_to, shift, total_substeps):
 #            Middle option: torch.compile of the reference Euler loop           #
 #################################################################################
 
-def _euler_steps(policy, x, sigma, n, steps):
-    """piflow._rollout's loop over a precomputed sigma grid (B, steps + 1), using the policy's own velocity."""
+def _euler_steps(velocity, x, sigma, n, steps):
+    """The reference Euler loop over a precomputed sigma grid (B, steps + 1)."""
     for i in range(steps):
-        x = _euler_step(policy, x, sigma[:, i], sigma[:, i + 1], i < n)
+        x = _euler_step(velocity, x, sigma[:, i], sigma[:, i + 1], i < n)
     return x
 
 
-def _euler_step(policy, x, sigma, sigma_next, active):
-    """One masked Euler substep x <- x + pi(x, sigma) (sigma_next - sigma) of piflow._rollout."""
-    u = policy.velocity(x, sigma)
-    return torch.where(piflow.expand_as_batch(active, x), x + u * piflow.expand_as_batch(sigma_next - sigma, x), x)
+def _euler_step(velocity, x, sigma, sigma_next, active):
+    """One masked Euler substep x <- x + pi(x, sigma) (sigma_next - sigma)."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    return torch.where(active.view(shape), x + velocity(x, sigma) * (sigma_next - sigma).view(shape), x)
 
 
 _COMPILED = {}
 
 
-def compiled_policy_rollout(policy, x, tau_from, tau_to, shift=1.0, total_substeps=128,
-                            mode="reduce-overhead", whole=True, compile=True):
-    """torch.compile(mode=...) of the reference rollout; no grad. The middle option between eager and fused.
+def compiled_rollout(velocity, x, n, sigma, mode="reduce-overhead", whole=True, compile=True):
+    """torch.compile(mode=...) of the reference rollout over the grid (n, sigma); no grad. velocity(x, sigma).
 
     whole=True compiles the whole unrolled rollout (one graph per max substep count: one CUDA-graph replay per
     rollout with mode="reduce-overhead", but compiling 128 substeps takes minutes); whole=False compiles one
     substep and replays it per substep (compiles in seconds). compile=False runs the same loop eagerly.
     """
     x = x.to(torch.promote_types(x.dtype, torch.float32))
-    n, sigma = euler_grid(x, tau_from, tau_to, shift, total_substeps)
     steps = sigma.shape[1] - 1
     nodes = sigma.t().contiguous()                                            # (steps + 1, B): same graph for any count
     fn = _euler_steps if whole else _euler_step
@@ -288,12 +241,11 @@ def compiled_policy_rollout(policy, x, tau_from, tau_to, shift=1.0, total_subste
         fn = _COMPILED[key]
     with torch.no_grad():
         if whole:
-            return fn(policy, x, sigma, n, steps)
+            return fn(velocity, x, sigma, n, steps)
         for i in range(steps):
-            active = i < n
             if compile and mode == "reduce-overhead" and x.is_cuda:
                 torch.compiler.cudagraph_mark_step_begin()
-            x = fn(policy, x, nodes[i], nodes[i + 1], active)
+            x = fn(velocity, x, nodes[i], nodes[i + 1], i < n)
             if compile and mode == "reduce-overhead" and x.is_cuda:
                 x = x.clone()  # the graph's output buffer is reused by the next replay
         return x

@@ -62,6 +62,12 @@ def interpreted(test):
 torch.set_num_threads(1)
 
 
+def fused(policy, x, tau_from, tau_to, shift, total):
+    """The kernel path alone: piflow's Euler grid, then piflow_kernels (None where the kernel declines)."""
+    n, sigma = piflow.euler_grid(x, tau_from, tau_to, shift, total)
+    return piflow._fused_rollout(policy, x, n, sigma)
+
+
 def _check_close(out, ref, scale, tol=1e-5):
     assert out is not None, "fused path declined a case it must handle"
     assert out.shape == ref.shape and out.dtype == ref.dtype == torch.float32
@@ -128,7 +134,7 @@ def test_gm_fused_matches_reference(case, K, var_kind, mods):
         policy = policy.dropout(0.6, generator=g)
     with torch.no_grad():
         ref = piflow.policy_rollout(policy, x, tau_from, tau_to, shift, total, backend="torch")
-        out = pk.fused_policy_rollout(policy, x, tau_from, tau_to, shift, total)
+        out = fused(policy, x, tau_from, tau_to, shift, total)
     assert torch.isfinite(ref).all()
     scale = max(1.0, ref.abs().max().item(), means_x.abs().max().item())
     _check_close(out, ref, scale)
@@ -149,7 +155,7 @@ def test_dx_fused_matches_reference(case, N, seg, noncontig):
         policy.x0_grid = policy.x0_grid.transpose(0, 1).contiguous().transpose(0, 1)
     with torch.no_grad():
         ref = piflow.policy_rollout(policy, x, tau_from, tau_to, shift, total, backend="torch")
-        out = pk.fused_policy_rollout(policy, x, tau_from, tau_to, shift, total)
+        out = fused(policy, x, tau_from, tau_to, shift, total)
     scale = max(1.0, ref.abs().max().item(), policy.x0_grid.abs().max().item())
     _check_close(out, ref, scale)
 
@@ -164,7 +170,7 @@ def test_gm_rollout_to_zero_recovers_component_mean():
     logweights[:, 2] = 0.0
     policy = piflow.GMPolicy.from_x0(means_x, logweights, 0.0, torch.randn(B, C, H, W), 1.0)
     with torch.no_grad():
-        out = pk.fused_policy_rollout(policy, torch.randn(B, C, H, W), 1.0, 0.0, 1.0, 16)
+        out = fused(policy, torch.randn(B, C, H, W), 1.0, 0.0, 1.0, 16)
     torch.testing.assert_close(out, means_x[:, 2], atol=1e-5, rtol=0)
 
 
@@ -177,13 +183,13 @@ def test_piflow_backends_route_to_kernel():
                              torch.full((B, 1, 1, 1, 1), -1.0), torch.randn(B, C, 4, 4), torch.tensor([1.0, 0.6]))
     x, tf = policy.x_src, piflow.unwarp_time(policy.sigma_src, 3.2)
     with torch.no_grad():
-        fused = piflow.policy_rollout(policy, x, tf, 0.0, 3.2, 20, backend="fused")
+        via = piflow.policy_rollout(policy, x, tf, 0.0, 3.2, 20, backend="fused")
         ref = piflow.policy_rollout(policy, x, tf, 0.0, 3.2, 20, backend="torch")
         auto = piflow.policy_rollout(policy, x, tf, 0.0, 3.2, 20, backend="auto")
-        direct = pk.fused_policy_rollout(policy, x, tf, 0.0, 3.2, 20)
-    assert torch.equal(fused, direct)               # 'fused' really went through the kernel
+        direct = fused(policy, x, tf, 0.0, 3.2, 20)
+    assert torch.equal(via, direct)                 # 'fused' really went through the kernel
     assert torch.equal(auto, ref)                   # CPU 'auto' keeps the reference path
-    _check_close(fused, ref, max(1.0, ref.abs().max().item()))
+    _check_close(via, ref, max(1.0, ref.abs().max().item()))
 
 
 @interpreted
@@ -193,7 +199,7 @@ def test_declines_what_it_cannot_do(monkeypatch):
     means = torch.randn(B, K, C, 3, dtype=torch.float64)
     policy = piflow.GMPolicy.from_x0(means, torch.zeros(B, K, 1, 3, dtype=torch.float64).log_softmax(1),
                                      0.1, torch.randn(B, C, 3, dtype=torch.float64), 1.0)
-    assert pk.fused_policy_rollout(policy, policy.x_src, 1.0, 0.0, 1.0, 8) is None   # float64 stays exact
+    assert fused(policy, policy.x_src, 1.0, 0.0, 1.0, 8) is None   # float64 stays exact
     with pytest.raises(ValueError, match="fused"), torch.no_grad():
         piflow.policy_rollout(policy, policy.x_src, 1.0, 0.0, 1.0, 8, backend="fused")
 
@@ -203,37 +209,38 @@ def test_declines_what_it_cannot_do(monkeypatch):
         def velocity(self, x_t, sigma_t):
             return x_t
 
-    assert pk.fused_policy_rollout(Other(), torch.zeros(B, C, 3), 1.0, 0.0, 1.0, 8) is None
+    assert fused(Other(), torch.zeros(B, C, 3), 1.0, 0.0, 1.0, 8) is None
     means = torch.randn(B, K, C, 3, requires_grad=True)
     policy = piflow.GMPolicy.from_x0(means, torch.zeros(B, K, 1, 3), 0.1, torch.randn(B, C, 3), 1.0)
-    assert pk.fused_policy_rollout(policy, policy.x_src.detach(), 1.0, 0.0, 1.0, 8) is None  # grad wanted
+    assert fused(policy, policy.x_src.detach(), 1.0, 0.0, 1.0, 8) is None  # grad wanted
     policy = policy.detach()
     with torch.no_grad():
-        assert pk.fused_policy_rollout(policy, policy.x_src, 1.0, 0.0, 1.0, 8) is not None
+        assert fused(policy, policy.x_src, 1.0, 0.0, 1.0, 8) is not None
         monkeypatch.setenv("PIFLOW_NO_FUSED", "1")                                  # user switch
-        assert pk.fused_policy_rollout(policy, policy.x_src, 1.0, 0.0, 1.0, 8) is None
+        assert fused(policy, policy.x_src, 1.0, 0.0, 1.0, 8) is None
         monkeypatch.setenv("PIFLOW_NO_FUSED", "0")
         monkeypatch.setenv("TRITON_INTERPRET", "0")                                 # CPU tensors, no interpreter
-        assert pk.fused_policy_rollout(policy, policy.x_src, 1.0, 0.0, 1.0, 8) is None
+        assert fused(policy, policy.x_src, 1.0, 0.0, 1.0, 8) is None
 
 
 @settings(deadline=None, max_examples=20)
 @given(case=rollout_case(), K=st.integers(1, 4))
 def test_euler_grid_and_eager_compiled_loop_are_the_reference(case, K):
-    """The precomputed sigma grid reproduces piflow._rollout bit for bit (run eagerly, no compile)."""
+    """The grid's end points are exact, and the compile-ready loop over it (run eagerly) is the reference
+    rollout bit for bit."""
     B, C, spatial, shift, total, tau_from, tau_to, chained, seed = case
     g, sigma_src, x_src, x = _source(B, C, spatial, shift, tau_from, chained, seed)
     policy = piflow.GMPolicy.from_x0(torch.randn(B, K, C, *spatial, generator=g),
                                      torch.randn(B, K, 1, *spatial, generator=g).log_softmax(1),
                                      0.5 * torch.rand(B, generator=g), x_src, sigma_src)
-    n, sigma = pk.euler_grid(x, tau_from, tau_to, shift, total)
+    n, sigma = piflow.euler_grid(x, tau_from, tau_to, shift, total)
     assert torch.equal(n, piflow.rollout_substeps(tau_from, tau_to, total))
     assert torch.equal(sigma[:, 0], piflow.warp_time(tau_from, shift))
     assert torch.equal(sigma[torch.arange(B), n], piflow.warp_time(tau_to, shift))
     with torch.no_grad():
         ref = piflow.policy_rollout(policy, x, tau_from, tau_to, shift, total, backend="torch")
-        eager = pk.compiled_policy_rollout(policy, x, tau_from, tau_to, shift, total, compile=False)
-        eager_step = pk.compiled_policy_rollout(policy, x, tau_from, tau_to, shift, total, whole=False, compile=False)
+        eager = pk.compiled_rollout(policy.velocity, x, n, sigma, compile=False)
+        eager_step = pk.compiled_rollout(policy.velocity, x, n, sigma, whole=False, compile=False)
     assert torch.equal(eager, ref)
     assert torch.equal(eager_step, ref)
 
@@ -278,7 +285,7 @@ def test_sampler_and_data_free_pi_id_with_fused_rollouts():
     B, K, C, H, W = 2, 3, 2, 3, 2
     head = torch.randn(K, C, H, W), torch.randn(K, 1, H, W)
 
-    def student(x_t, sigma, cond):  # a fixed, x-dependent GM head standing in for a network
+    def student(x_t, sigma):  # a fixed, x-dependent GM head standing in for a network
         means = head[0] + 0.5 * x_t.unsqueeze(1)
         return piflow.GMPolicy(means, head[1].expand(B, -1, -1, -1, -1).log_softmax(1),
                                torch.full((B, 1, 1, 1, 1), -1.5), x_t, sigma)
@@ -288,7 +295,7 @@ def test_sampler_and_data_free_pi_id_with_fused_rollouts():
                             total_substeps=16, backend=b) for b in ("torch", "fused")}
     _check_close(out["fused"], out["torch"], max(1.0, out["torch"].abs().max().item()))
 
-    def teacher(x_t, sigma, cond):
+    def teacher(x_t, sigma):
         return x_t * 0.3 - 0.1
     losses = {}
     for b in ("torch", "fused"):

@@ -407,7 +407,7 @@ class ExactStudent(torch.nn.Module):
         self.gm = gm
         self.delta = torch.nn.Parameter(torch.zeros(gm[1].shape[1]))
 
-    def forward(self, x_t, sigma, cond):
+    def forward(self, x_t, sigma, cond=None):
         logw, means_x, var_post = exact_posterior(x_t, sigma, self.gm)
         return pf.GMPolicy.from_x0(means_x + self.delta, logw[:, :, None], var_post, x_t, sigma)
 
@@ -417,7 +417,7 @@ def test_piid_loss_zero_at_optimum(data_free):
     """If the student's GM is the true data GM, pi = teacher velocity everywhere: loss and gradient are 0,
     even with GM dropout on the rollout; moving away from the optimum makes them positive."""
     gm = random_gm(3, 4, 2, 0.1)
-    teacher = lambda x_t, sigma, cond: exact_velocity(x_t, sigma, gm)
+    teacher = lambda x_t, sigma: exact_velocity(x_t, sigma, gm)
     student = ExactStudent(gm)
     cfg = pf.PiIDConfig(nfe=2, shift=3.2, final_step_scale=0.5, gm_dropout=0.3, num_intermediate=3, loss_scale=3.0)
     g = torch.Generator().manual_seed(0)
@@ -462,7 +462,7 @@ class Recorder:
     def __init__(self, teacher):
         self.teacher, self.calls = teacher, []
 
-    def __call__(self, x_t, sigma, cond):
+    def __call__(self, x_t, sigma, cond=None):
         self.calls.append((x_t.clone(), sigma.clone()))
         return self.teacher(x_t, sigma, cond)
 
@@ -473,7 +473,7 @@ def test_trajectory_mixing_extremes():
     B = 5
     mu, x_src = torch.randn(B, 1, 3), torch.randn(B, 3)
     student_pol = pf.GMPolicy.from_x0(mu, torch.zeros(B, 1, 1), 0.0, x_src, 1.0)   # straight trajectories
-    teacher = Recorder(lambda x, s, c: 0.3 * x + 1.0)
+    teacher = Recorder(lambda x, s, c=None: 0.3 * x + 1.0)
     cfg = pf.PiIDConfig(nfe=2, num_intermediate=4)
     tau_src, seg = torch.ones(B), torch.full((B,), 0.5)
     pf.piid_segment_loss(student_pol, teacher, None, tau_src, seg, cfg, ratio=0.0)
@@ -548,7 +548,7 @@ class MLPStudent(torch.nn.Module):
         self.net = torch.nn.Sequential(torch.nn.Linear(2 + 8, width), torch.nn.SiLU(), torch.nn.Linear(width, width),
                                        torch.nn.SiLU(), torch.nn.Linear(width, out))
 
-    def forward(self, x_t, sigma, cond):
+    def forward(self, x_t, sigma, cond=None):
         freqs = torch.arange(4, dtype=x_t.dtype) + 1
         emb = torch.cat([torch.sin(sigma[:, None] * freqs * 3), torch.cos(sigma[:, None] * freqs * 3)], 1)
         h = self.net(torch.cat([x_t, emb], 1))
@@ -566,7 +566,7 @@ def test_end_to_end_piid_on_2d_gm(policy):
     land near the teacher's exact ODE endpoints from the same noise."""
     torch.manual_seed(0)
     gm = random_gm(11, 4, 2, 0.02)
-    teacher = lambda x_t, sigma, cond: exact_velocity(x_t, sigma, gm)
+    teacher = lambda x_t, sigma: exact_velocity(x_t, sigma, gm)
     student = MLPStudent(policy).double()
     cfg = pf.PiIDConfig(nfe=4, num_intermediate=2, window_substeps=3 if policy == "dx" else 0,
                         gm_dropout=0.05 if policy == "gm" else 0.0, total_substeps=64)

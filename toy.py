@@ -15,17 +15,19 @@ import argparse
 import math
 import os
 import sys
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import piflow
 
 NUM_CLASSES, PROTOS_PER_CLASS, IMG = 10, 4, (1, 8, 8)
 CLASS_WEIGHTS = (0.4, 0.3, 0.2, 0.1)   # within-class prototype weights (non-uniform, so mode coverage matters)
 NOISE_STD = 0.1                         # per-pixel std of each mixture component
+DEFAULT_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy_gm_k8_nfe4.pt")
 
 
 #################################################################################
@@ -158,46 +160,55 @@ class Block(nn.Module):
         return h + gate * self.mlp(self.norm(h) * (1 + scale) + shift)
 
 
+@dataclass(frozen=True)
+class Options:
+    policy: str = "gm"        # student policy: gm (GMFlow), dx (DX grid) or shortcut (the regression baseline)
+    K: int = 8                # Gaussians per pixel of the GM policy
+    N: int = 10               # grid points of the DX policy
+    width: int = 192          # student hidden width
+    depth: int = 3            # student residual blocks
+
+    def __post_init__(self):
+        for name, ok, accepted in [("policy", self.policy in ("gm", "dx", "shortcut"), "gm, dx or shortcut"),
+                                   ("K", self.K >= 1, ">= 1"), ("N", self.N >= 1, ">= 1"),
+                                   ("width", self.width >= 2, ">= 2"), ("depth", self.depth >= 0, ">= 0")]:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; expected {accepted}")
+
+
 class ToyStudent(nn.Module):
     """Tiny class-conditional student G_phi(x_t, sigma, c) -> policy (GM, DX or shortcut head).
 
-    GM head (published layout): means (B, K, C, H, W), logweights (B, K, 1, H, W) log-softmax over K, logstds
-    (B, 1, 1, 1, 1) from SiLU-Linear-SiLU-Linear on the detached conditioning embedding (last layer weight 0,
-    bias log 0.05). No teacher head to copy, so mean heads start at weight 0 with bias noise std 0.1 and
-    logweights at 0 (uniform). DX head: N grid outputs, all N copies identical at init (recipe §3).
+    GM head: the published layers (piflow.add_gm_head) on the whole flattened image as one token (C = 1 channel,
+    S = 64 pixels): means (B, K, 1, 8, 8), logweights (B, K, 1, 8, 8), logstds from the detached embedding.
+    With no teacher network to copy, the means start at weight 0 with bias noise 0.1 per component and pixel.
+    DX head: N grid outputs, all N copies identical at init (recipe §3), span 1 / (NFE - 1 + s).
     """
 
-    def __init__(self, policy="gm", K=8, N=10, width=192, depth=3, nfe=4, shift=1.0, final_step_scale=1.0,
-                 img=IMG, num_classes=NUM_CLASSES):
+    def __init__(self, opts=Options(), cfg=piflow.PiIDConfig(), img=IMG, num_classes=NUM_CLASSES):
         super().__init__()
-        if policy not in ("gm", "dx", "shortcut"):
-            raise ValueError(f"policy={policy!r} is not accepted; expected 'gm', 'dx' or 'shortcut'")
-        self.policy, self.K, self.N, self.img = policy, K, N, tuple(img)
-        self.shift = shift
-        self.segment_size = 1.0 / (nfe - 1 + final_step_scale)              # DX grid span (training segment)
+        self.opts, self.img = opts, tuple(img)
         C, H, W = img
-        D = C * H * W
+        D, width = C * H * W, opts.width
         self.t_emb = nn.Sequential(nn.Linear(64, width), nn.SiLU(), nn.Linear(width, width))
-        self.c_emb = nn.Embedding(num_classes + 1, width)                  # + null class (unused by default)
+        self.c_emb = nn.Embedding(num_classes + 1, width)                  # + null class (for CFG)
         self.inp = nn.Linear(D, width)
-        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width) for _ in range(opts.depth))
         self.norm = nn.LayerNorm(width, elementwise_affine=False)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         nn.init.zeros_(self.ada[1].weight), nn.init.zeros_(self.ada[1].bias)
-        if policy == "gm":
-            self.proj_means = nn.Linear(width, K * D)
-            self.proj_logweights = nn.Linear(width, K * H * W)
-            self.proj_logstds = nn.Sequential(nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
-            nn.init.zeros_(self.proj_means.weight), nn.init.normal_(self.proj_means.bias, std=0.1)
-            nn.init.zeros_(self.proj_logweights.weight), nn.init.zeros_(self.proj_logweights.bias)
-            nn.init.zeros_(self.proj_logstds[3].weight), nn.init.constant_(self.proj_logstds[3].bias, math.log(0.05))
+        if opts.policy == "gm":
+            piflow.add_gm_head(self, width, opts.K, C=D, logweight_channels=H * W, logstd_inner_dim=width)
+            piflow.init_gm_head(self, torch.zeros(D, width), torch.zeros(D), opts.K, D, channel_last=False,
+                                bias_noise=0.1)
         else:
-            n_out = N if policy == "dx" else 1
-            self.proj_out = nn.Linear(width, n_out * D)
+            self.proj_out = nn.Linear(width, (opts.N if opts.policy == "dx" else 1) * D)
             nn.init.zeros_(self.proj_out.weight), nn.init.zeros_(self.proj_out.bias)   # N identical copies
+        self.segment_size = 1.0 / (cfg.nfe - 1 + cfg.final_step_scale)      # DX grid span: one training step
+        self.shift = cfg.shift
 
     def forward(self, x_t, sigma, cond):
-        B = x_t.shape[0]
+        B, (C, H, W) = x_t.shape[0], self.img
         sigma = piflow.as_batch(sigma, x_t)
         emb = self.t_emb(timestep_embedding(sigma, 64)) + self.c_emb(cond)           # (B, width)
         h = self.inp(x_t.flatten(1).to(emb.dtype))
@@ -205,14 +216,13 @@ class ToyStudent(nn.Module):
             h = blk(h, emb)
         shift, scale = self.ada(emb).chunk(2, 1)
         h = self.norm(h) * (1 + scale) + shift                                        # (B, width)
-        C, H, W = self.img
-        if self.policy == "gm":
-            means = self.proj_means(h).view(B, self.K, C, H, W)
-            logweights = self.proj_logweights(h).view(B, self.K, 1, H, W).float().log_softmax(1)
-            logstds = self.proj_logstds(emb.detach()).view(B, 1, 1, 1, 1)
-            return piflow.GMPolicy(means, logweights, logstds, x_t, sigma)
-        if self.policy == "dx":
-            grid_u = self.proj_out(h).view(B, self.N, C, H, W)
+        if self.opts.policy == "gm":
+            K = self.opts.K
+            return piflow.gm_policy(self.proj_out_means(h).view(B, K, C, H, W),
+                                    self.proj_out_logweights(h).view(B, K, 1, H, W), piflow.gm_logstds(self, emb),
+                                    x_t, sigma)
+        if self.opts.policy == "dx":
+            grid_u = self.proj_out(h).view(B, self.opts.N, C, H, W)
             return piflow.DXPolicy(grid_u, x_t, sigma, self.segment_size, self.shift)
         return ShortcutPolicy(self.proj_out(h).view(B, C, H, W).float(), x_t, sigma)
 
@@ -265,14 +275,92 @@ class Evaluator:
                 "swd": sliced_wasserstein(self.data, x, self.cond)}
 
     @torch.no_grad()
-    def student(self, student, nfe, shift=1.0, final_step_scale=1.0, temperature=None, total_substeps=128):
-        x = piflow.sample(student, self.noise, self.cond, nfe, shift, final_step_scale, temperature, total_substeps)
-        return self.metrics(x)
+    def student(self, student, nfe=None, temperature=None, total_substeps=None):
+        """Metrics of a student's samples (its training schedule: student.piid_config)."""
+        return self.metrics(piflow.sample(student, self.noise, self.cond, nfe, temperature=temperature,
+                                          total_substeps=total_substeps))
 
 
 #################################################################################
-#                      Images (PIL only) and the lab                            #
+#                     The toy attachment (trainer.py) and sampling              #
 #################################################################################
+
+class ToyAttachment:
+    """trainer.py attachment: the exact toy teacher (CFG through the null class) and a ToyStudent."""
+    sharded, autocast = False, False
+    noise_shape = IMG
+
+    def __init__(self, opts, cfg, tc, settings, device):
+        self.data, self.opts, self.cfg, self.settings, self.device = ToyData(), opts, cfg, settings, device
+        self.student = ToyStudent(opts, cfg).to(device)
+        null = torch.tensor([NUM_CLASSES], device=device)
+        self.teacher = piflow.guided_teacher(ToyTeacher(self.data), tc.guidance, null, tuple(tc.guidance_interval))
+        if opts.policy == "shortcut":
+            self.loss = self.shortcut_loss
+        self._evaluator = None
+
+    def trainable(self):
+        return dict(self.student.named_parameters())
+
+    def sample_cond(self, n, g):
+        return torch.randint(NUM_CLASSES, (n,), generator=g, device=g.device)
+
+    def sample_data(self, n, g):
+        cond = self.sample_cond(n, g)
+        cpu = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,), generator=g, device=g.device)))
+        return self.data.sample(cond.cpu(), cpu).to(self.device), cond
+
+    def shortcut_loss(self, step, g, n, backward):
+        """Baseline (Fig. 2b): regress each NFE-step jump of the teacher ODE (fine Euler) directly."""
+        cfg, cond = self.cfg, self.sample_cond(n, g)
+        x = torch.randn((n,) + IMG, generator=g, device=g.device)
+        taus, sigmas = piflow.nfe_schedule(cfg.nfe, cfg.shift, cfg.final_step_scale)
+        total = 0.0
+        for i in range(cfg.nfe):
+            s_src, s_dst = float(sigmas[i]), float(sigmas[i + 1])
+            with torch.no_grad():
+                x_dst = piflow.policy_rollout(TeacherPolicy(self.teacher, cond, x, s_src), x, float(taus[i]),
+                                              float(taus[i + 1]), cfg.shift, cfg.total_substeps)
+            u = self.student(x, piflow.as_batch(s_src, x), cond).u
+            loss = 0.5 * (u - (x_dst - x) / (s_dst - s_src)).pow(2).mean() * float(taus[i] - taus[i + 1])
+            backward(loss)
+            total, x = total + loss.detach(), x_dst
+        return total
+
+    def evaluate(self, student):
+        if self._evaluator is None:
+            self._evaluator = Evaluator(self.data, self.teacher, device=self.device)
+        return self._evaluator.student(student)
+
+    def export(self, path, ema):
+        """The slim sampling checkpoint: fp16 EMA weights + the run's settings (what sample.py reads)."""
+        common.save_torch({"ema": {k: v.half() for k, v in ema.items()}, "settings": self.settings}, path)
+
+
+def attach(opts, cfg, tc, settings, device, dtype=None):
+    """train_imagenet.py --teacher toy."""
+    return ToyAttachment(opts, cfg, tc, settings, device)
+
+
+def load_student(path):
+    """A toy student from a training checkpoint (ckpt.pt) or an export: (student with its EMA weights, settings).
+    Read with weights_only=True; non-finite weights are refused."""
+    ck = common.load_tensors(path, "--ckpt")
+    if not (isinstance(ck, dict) and isinstance(ck.get("ema"), dict) and isinstance(ck.get("settings"), dict)):
+        raise common.UserError(f"--ckpt={path!r} is not a piflow toy checkpoint (no 'ema' and 'settings')")
+    st = ck["settings"]
+    try:
+        common.check_finite(ck["ema"], f"--ckpt={path!r}")
+        opts = Options(**{k: st[k] for k in Options.__dataclass_fields__})
+        cfg = piflow.PiIDConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in st.items()
+                                   if k in piflow.PiIDConfig.__dataclass_fields__})
+        student = ToyStudent(opts, cfg)
+        student.load_state_dict({k: v.float() for k, v in ck["ema"].items()})
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise common.UserError(f"--ckpt={path!r} cannot be used: {str(e).splitlines()[0]}") from None
+    student.piid_config = cfg
+    return student.eval(), st
+
 
 def to_uint8(x, scale=4):
     """(B, C, H, W) in [-1, 1] -> list of (H*scale, W*scale[, 3]) uint8 arrays."""
@@ -281,60 +369,89 @@ def to_uint8(x, scale=4):
     return [t[0].numpy() if t.shape[0] == 1 else t.permute(1, 2, 0).numpy() for t in x]
 
 
-def image_grid(rows, pad=2, gap=8):
-    """rows: list of lists of 2-D uint8 tiles (lists of equal length; None = blank gap column of width `gap`)."""
-    th, tw = next(t for r in rows for t in r if t is not None).shape[:2]
-    widths = [tw if t is not None else gap for t in rows[0]]
-    H = len(rows) * (th + pad) + pad
-    W = sum(w + pad for w in widths) + pad
-    canvas = np.full((H, W), 255, np.uint8)
-    for i, r in enumerate(rows):
-        x = pad
-        for t, w in zip(r, widths):
-            if t is not None:
-                canvas[pad + i * (th + pad): pad + i * (th + pad) + th, x: x + tw] = t
-            x += w + pad
-    return canvas
+def add_sample_flags(p, model="toy"):
+    p.add_argument("--ckpt", default=DEFAULT_CKPT, help="student checkpoint: an export or a run's ckpt.pt "
+                   "(default: the shipped toy student)")
+    p.add_argument("--per-class", type=int, default=8, help="samples per class in the grid (default: %(default)s)")
 
 
-def save_png(array, path):
-    """Write atomically (tmp file, then os.replace)."""
-    from PIL import Image
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)
+def sample_grid(args):
+    """`sample.py --model toy`: per class, student samples | exact teacher ODE from the same noise; metrics."""
+    if args.per_class < 1:
+        raise common.UserError(f"--per-class={args.per_class} is not accepted; expected an integer >= 1")
+    student, st = load_student(args.ckpt)
+    nfe = args.nfe or student.piid_config.nfe
+    cfg = student.piid_config
+    print(f"student: {args.ckpt} ({st['policy']}, K={st['K']}, N={st['N']}, trained at NFE {cfg.nfe}, shift "
+          f"{cfg.shift}, final step scale {cfg.final_step_scale}, {cfg.total_substeps} substeps)")
+    print("sigma schedule: " + ", ".join(f"{s:.4f}" for s in piflow.nfe_schedule(nfe, cfg.shift,
+                                                                                  cfg.final_step_scale)[1].tolist()))
+    data = ToyData()
+    teacher = piflow.guided_teacher(ToyTeacher(data), st.get("guidance", 1.0), torch.tensor([NUM_CLASSES]),
+                                    tuple(st.get("guidance_interval", (0.0, 1.0))))
+    g = torch.Generator().manual_seed(args.seed)
+    cond = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class)                # (B,)
+    noise = torch.randn((len(cond),) + IMG, generator=g)
+    x = piflow.sample(student, noise, cond, nfe, temperature=args.temperature)
+    x_teacher = teacher_ode(teacher, noise, cond)
+    x_euler = teacher_euler(teacher, noise, cond, nfe, cfg.shift, cfg.final_step_scale)
+    metrics = {}
+    for name, xs in (("student", x), ("teacher Euler", x_euler), ("teacher exact ODE", x_teacher)):
+        m = {"align": teacher_alignment(xs, x_teacher), "mode_kl": mode_kl(data, xs, cond),
+             "swd": sliced_wasserstein(data, xs, cond)}
+        print(f"{name:18s} NFE {nfe if name != 'teacher exact ODE' else '-'}: teacher alignment MSE "
+              f"{m['align']:.5f} | mode KL {m['mode_kl']:.4f} | sliced W2 {m['swd']:.4f}")
+        metrics[name] = m
+    k, tiles_s, tiles_t = args.per_class, to_uint8(x), to_uint8(x_teacher)
+    rows = [tiles_s[c * k:(c + 1) * k] + [None] + tiles_t[c * k:(c + 1) * k] for c in range(NUM_CLASSES)]
+    cols = [f"pi-Flow student, NFE {nfe}"] + [None] * k + ["exact teacher ODE, same noise"]
+    return dict(rows=rows, row_labels=[f"class {c}" for c in range(NUM_CLASSES)], col_labels=cols, nfe=nfe,
+                metrics=metrics["student"], all_metrics=metrics)
 
 
 def lab_rows(quick):
-    """(group, label, train_imagenet.py flags, nfe list) for every row of the claims table."""
-    gm8, gm32 = ["--policy", "gm", "--K", "8"], ["--policy", "gm", "--K", "32"]
-    dx = lambda n: ["--policy", "dx", "--N", str(n)]
+    """(group, label, settings, nfe list) for every row of the claims table."""
+    gm8, gm32 = dict(policy="gm", K=8), dict(policy="gm", K=32)
+    dx = lambda n: dict(policy="dx", N=n)
     nfes = [1, 4] if quick else [1, 2, 4]
-    bc = ["--decay-iters", "1000000000"]                     # teacher ratio stays ~1: behaviour cloning
+    bc = dict(decay_iters=10 ** 9)                           # teacher ratio stays ~1: behaviour cloning
     return [("1 policy", "GM K=8", gm8, nfes), ("1 policy", "GM K=32", gm32, nfes),
             ("1 policy", "DX N=10", dx(10), nfes), ("1 policy", "DX N=20", dx(20), nfes),
             ("1 policy", "DX N=40", dx(40), nfes),
-            ("2 dropout", "GM K=8, dropout 0.05", gm8 + ["--gm-dropout", "0.05"], [4]),
-            ("3 on-policy", "GM K=8, behaviour cloning (ratio 1)", gm8 + bc, [4]),
-            ("3 on-policy", "DX N=10, behaviour cloning (ratio 1)", dx(10) + bc, [4]),
-            ("4 window", "DX N=10, micro-window 3", dx(10) + ["--window-substeps", "3"], [4]),
-            ("5 data", "GM K=8, data-dependent", gm8 + ["--data-dependent"], [4]),
-            ("6 baselines", "shortcut student (regresses NFE-step jump)", ["--policy", "shortcut"], nfes)]
+            ("2 dropout", "GM K=8, dropout 0.05", dict(gm8, gm_dropout=0.05), [4]),
+            ("3 on-policy", "GM K=8, behaviour cloning (ratio 1)", dict(gm8, **bc), [4]),
+            ("3 on-policy", "DX N=10, behaviour cloning (ratio 1)", dict(dx(10), **bc), [4]),
+            ("4 window", "DX N=10, micro-window 3", dict(dx(10), window_substeps=3), [4]),
+            ("5 data", "GM K=8, data-dependent", dict(gm8, data_dependent=True), [4]),
+            ("6 baselines", "shortcut student (regresses NFE-step jump)", dict(policy="shortcut"), nfes)]
+
+
+def train_student(fields, out):
+    """Train a toy student in this process (one lab row) with trainer.train; returns it with its EMA weights.
+    fields: PiIDConfig / TrainConfig / Options values."""
+    import trainer
+    cfg, tc, opts = (cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
+                     for cls in (piflow.PiIDConfig, trainer.TrainConfig, Options))
+    settings = trainer.settings_of(cfg, tc, opts, teacher="toy")
+    run = argparse.Namespace(out=out, resume=False, overwrite=True, export=None, log_every=0, ckpt_every=0,
+                             eval_every=0, threads=1, no_progress=True)
+    att, ema = trainer.train(lambda device, dtype: ToyAttachment(opts, cfg, tc, settings, device), cfg, tc,
+                             settings, run)
+    trainer.load_into(att.trainable(), ema)
+    return att.student.eval()
 
 
 def _lab_job(job):
-    """One lab row in a worker process: train a student with train_imagenet.main, then evaluate its EMA."""
+    """One lab row in a worker process: train a student, then evaluate its EMA."""
     import time
-    import train_imagenet
-    argv, nfe, total_substeps, ev = job
+    fields, out, ev = job
     t = time.time()
-    student = train_imagenet.main(argv)
-    return ev.student(student, nfe, total_substeps=total_substeps), time.time() - t
+    student = train_student(fields, out)
+    return ev.student(student), time.time() - t
 
 
 def run_lab(args):
-    """Train every lab row (pi-ID via train_imagenet.main; --jobs rows at a time, one CPU thread each) and write
+    """Train every lab row (train_student; --jobs rows at a time, one CPU thread each) and write
     table.md, table.json and table.png. Every row uses the same seed, so the table does not depend on --jobs."""
     import concurrent.futures
     import json
@@ -355,15 +472,12 @@ def run_lab(args):
         results[("6 baselines", "teacher Euler (no training)", nfe)] = (
             ev.metrics(teacher_euler(teacher, ev.noise, ev.cond, nfe)), 0.0)
     jobs = {}
-    for group, label, flags, nfes in lab_rows(args.quick):
+    for group, label, fields, nfes in lab_rows(args.quick):
         for nfe in nfes:
             name = "".join(c for c in f"{label}_nfe{nfe}".replace(" ", "_") if c.isalnum() or c in "_.-")
-            argv = ["--teacher", "toy", "--nfe", str(nfe), "--steps", str(steps), "--seed", str(args.seed),
-                    "--batch-size", str(LAB_BATCH), "--micro-batch", str(LAB_BATCH), "--lr", str(LAB_LR), "--cosine",
-                    "--total-substeps", str(LAB_SUBSTEPS), "--out", os.path.join(out, name),
-                    "--eval-every", "0", "--log-every", "0", "--ckpt-every", "0", "--threads", "1",
-                    "--no-progress", "--overwrite"] + flags
-            jobs[(group, label, nfe)] = (argv, nfe, LAB_SUBSTEPS, ev)
+            fields = dict(fields, nfe=nfe, steps=steps, seed=args.seed, batch_size=LAB_BATCH, micro_batch=LAB_BATCH,
+                          lr=LAB_LR, cosine=True, total_substeps=LAB_SUBSTEPS)
+            jobs[(group, label, nfe)] = (fields, os.path.join(out, name), ev)
     order = sorted(jobs, key=lambda k: -k[2])                             # longest (most NFE) first
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
@@ -393,10 +507,8 @@ def run_lab(args):
     for fname, content in (("table.md", text), ("table.json", json.dumps(
             [dict(group=g, student=l, nfe=n, train_s=round(results[(g, l, n)][1], 1), **m) for g, l, n, m in rows],
             indent=1))):
-        with open(os.path.join(out, fname + ".tmp"), "w") as f:
-            f.write(content)
-        os.replace(os.path.join(out, fname + ".tmp"), os.path.join(out, fname))
-    save_png(bar_plot(rows), os.path.join(out, "table.png"))
+        common.save_text(os.path.join(out, fname), content)
+    common.save_atomic(os.path.join(out, "table.png"), lambda tmp: bar_plot(rows).save(tmp, format="PNG"))
     print(f"wrote {out}/table.md, table.json, table.png ({runtime:.0f} s)")
 
 
@@ -415,7 +527,7 @@ def bar_plot(results, bar_h=12, width=420):
         w = int(width * (math.log10(v) - lo) / (hi - lo))
         d.rectangle([label_w, y, label_w + max(w, 1), y + bar_h - 2], fill=90)
         d.text((label_w + w + 4, y), f"{v:.4f}", fill=0)
-    return np.array(img)
+    return img
 
 
 # Lab budget: every student gets the same steps / batch / LR (cosine to 0) and 32 rollout substeps per unit time

@@ -1,0 +1,259 @@
+"""Pieces every piflow script shares: user errors, dataclass-derived flags, safe files, the run lock, image grids.
+
+    UserError, user_errors(prog)    a mistake in what the user asked for -> one line on stderr, exit 2 (main only)
+    add_flags(parser, cls, ...)     argparse flags derived from a dataclass (help = the field's comment)
+    load_tensors(path, what)        torch.load(weights_only=True): a file that needs unpickling is refused
+    save_atomic(path, write)        write a temporary file in the same folder, fsync, then os.replace
+    publish_dir(path, write)        write a folder as a new version, then switch the `path` symlink atomically
+    RunLock(folder)                 an exclusive lock on an output folder (a second run is refused)
+    check_writable(path, what)      fail before the work, not after it
+    check_finite(tensors, what)     refuse NaN / inf weights
+    save_grid(rows, path, ...)      labelled PNG grid with Pillow
+"""
+import argparse
+import contextlib
+import dataclasses
+import inspect
+import math
+import os
+import re
+import sys
+import tempfile
+import typing
+
+import torch
+
+
+class UserError(Exception):
+    """A bad flag, missing file, offline hub, unwritable path, ...: main() prints it as one line and exits 2."""
+
+
+@contextlib.contextmanager
+def user_errors(prog):
+    """Turn UserError into one line on stderr and SystemExit(2); everything else propagates (a real bug)."""
+    try:
+        yield
+    except UserError as e:
+        if os.environ.get("RANK", "0") == "0":                                # once under torchrun
+            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+#################################################################################
+#                      Flags derived from dataclass fields                      #
+#################################################################################
+
+def field_comments(cls):
+    """{field: its trailing '# comment'} read from the class source (the comment is the flag's help)."""
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def add_flags(parser, cls, defaults=None, skip=(), aliases=None):
+    """One flag per field of dataclass `cls` (hyphenated; `aliases` {field: [old spellings]}), typed from the
+    annotation, default from `defaults` or the field, help from the field's comment. Booleans get --x/--no-x;
+    tuples take one value per element."""
+    helps, defaults, aliases = field_comments(cls), defaults or {}, aliases or {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = defaults.get(f.name, f.default)
+        typ = hints[f.name]
+        kw = dict(default=default, dest=f.name, help=f"{helps.get(f.name, '')} (default: %(default)s)")
+        if typing.get_origin(typ) is typing.Union:                         # Optional[X]
+            typ = next(t for t in typing.get_args(typ) if t is not type(None))
+        if typ is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(typ) is tuple:
+            args = typing.get_args(typ)
+            kw.update(type=args[0], nargs=len(args), metavar=tuple(f"V{i}" for i in range(len(args))))
+        else:
+            kw["type"] = typ
+        parser.add_argument(flag(f.name), *aliases.get(f.name, ()), **kw)
+
+
+def build(cls, args, parser):
+    """cls(**fields from args); a ValueError from its validation becomes parser.error naming the flag."""
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
+    try:
+        return cls(**kw)
+    except ValueError as e:
+        msg = str(e)
+        name = msg.split("=", 1)[0]
+        parser.error(flag(name) + msg[len(name):] if name in kw else msg)
+
+
+def check(parser, args, rules):
+    """rules: [(field, ok, accepted)]; the first failing one becomes parser.error('--field=value ...')."""
+    for name, ok, accepted in rules:
+        if not ok:
+            parser.error(f"{flag(name)}={getattr(args, name)!r} is not accepted; expected {accepted}")
+
+
+def parse_temperature(v):
+    """--temperature: 'none', 'auto' (0.1 (NFE - 1), never on the last step) or a value > 0."""
+    if v in ("none", "auto"):
+        return None if v == "none" else "auto"
+    try:
+        T = float(v)
+    except ValueError:
+        T = math.nan
+    if not T > 0:
+        raise argparse.ArgumentTypeError(f"{v!r} is not accepted; expected 'none', 'auto' or a value > 0")
+    return T
+
+
+#################################################################################
+#                                  Safe files                                   #
+#################################################################################
+
+def load_tensors(path, what):
+    """torch.load(path, weights_only=True) with one-line errors: a file that needs unpickling (and so could run
+    code) is refused; so is a missing or unreadable one."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what}={path!r}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure is the user's file
+        kind = "needs unpickling, which can run code; refused" if "weights_only" in str(e) or \
+            "Unsupported global" in str(e) else f"is not a readable checkpoint ({type(e).__name__})"
+        raise UserError(f"{what}={path!r} {kind}") from None
+
+
+def save_atomic(path, write):
+    """write(tmp_path), fsync, then os.replace(tmp, path): readers see the old file or the new one, never a mix."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)                                       # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_torch(obj, path):
+    save_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    save_atomic(path, write)
+
+
+def publish_dir(path, write):
+    """Write a folder as a new version `path.<n>` with write(folder), then point the symlink `path` at it
+    (os.replace of a symlink is atomic) and delete the previous version: `path` is always complete."""
+    path = os.path.abspath(path)
+    old = os.path.realpath(path) if os.path.islink(path) else None
+    if os.path.exists(path) and not os.path.islink(path):
+        raise UserError(f"{path!r} exists and is not a piflow export (a symlink to a version folder); move it away")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    new = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".v")
+    write(new)
+    link = new + ".link"
+    os.symlink(os.path.basename(new), link)
+    os.replace(link, path)
+    if old and old != new and os.path.isdir(old):
+        for name in os.listdir(old):
+            os.remove(os.path.join(old, name))
+        os.rmdir(old)
+
+
+class RunLock:
+    """Exclusive lock on an output folder (fcntl.flock on folder/.lock): a second run on it is refused.
+
+    The lock dies with the process, so a crashed run never leaves a stale lock behind."""
+
+    def __init__(self, folder):
+        import fcntl
+        os.makedirs(folder, exist_ok=True)
+        self.file = open(os.path.join(folder, ".lock"), "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.close()
+            raise UserError(f"--out={folder!r} is in use by another run (locked); wait for it or pick another "
+                            "--out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+
+    def release(self):
+        if not self.file.closed:
+            self.file.close()
+
+
+def check_writable(path, what, is_dir=False):
+    """Raise UserError unless `path` (a file, or a folder with is_dir) can be created and written."""
+    folder = os.path.abspath(path if is_dir else os.path.dirname(os.path.abspath(path)))
+    probe = folder
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{what}={path!r}: {probe!r} is not a writable folder")
+    if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{what}={path!r}: folder {folder!r} is not writable")
+    if not is_dir and os.path.isdir(path):
+        raise UserError(f"{what}={path!r} is a folder; expected a file path")
+
+
+def check_finite(tensors, what):
+    """Raise ValueError naming the first tensor with a NaN or inf ({name: tensor})."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{what}: {name} holds non-finite values")
+
+
+#################################################################################
+#                                 Image grids                                   #
+#################################################################################
+
+def save_grid(rows, path, row_labels=None, col_labels=None, title=None, pad=2):
+    """Write a PNG grid of uint8 tiles (H, W) or (H, W, 3): rows[i][j] (None = blank), with optional labels
+    left of each row, above each column and a title line. Written atomically."""
+    from PIL import Image, ImageDraw
+    tiles = [t for r in rows for t in r if t is not None]
+    th, tw = tiles[0].shape[:2]
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = lambda s: int(draw.textlength(s)) + 6
+    lw = max([text_w(s) for s in row_labels or []] + [0])
+    th_top = (14 if title else 0) + (14 if col_labels else 0)
+    ncol = max(len(r) for r in rows)
+    W, H = lw + ncol * (tw + pad) + pad, th_top + len(rows) * (th + pad) + pad
+    img = Image.new("RGB", (W, H), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    if title:
+        d.text((pad, 1), title, fill=(0, 0, 0))
+    for j, s in enumerate(col_labels or []):
+        if s:
+            d.text((lw + pad + j * (tw + pad), th_top - 13), s, fill=(0, 0, 0))
+    for i, r in enumerate(rows):
+        y = th_top + pad + i * (th + pad)
+        if row_labels:
+            d.text((2, y + th // 2 - 6), row_labels[i], fill=(0, 0, 0))
+        for j, t in enumerate(r):
+            if t is not None:
+                img.paste(Image.fromarray(t).convert("RGB"), (lw + pad + j * (tw + pad), y))
+    save_atomic(path, lambda tmp: img.save(tmp, format="PNG"))
+    return img.size

@@ -1,0 +1,532 @@
+"""The one π-ID training loop (paper Alg. 2 data-dependent / Alg. 3 data-free) and its checkpoints.
+
+Every model plugs in as an *attachment* (toy.py, sit.py, t2i.py); this file never knows which model it trains:
+
+    student       nn.Module, student(x_t, sigma, cond) -> policy (piflow.GMPolicy / DXPolicy)
+    teacher       teacher(x_t, sigma, cond) -> u, guidance already applied
+    noise_shape   (C, H, W) of one sample
+    sharded       True: FSDP2 over ranks (shard(mesh) wraps the model); False: replicated, gradients all-reduced
+    trainable()   {name: parameter} that the optimizer trains (all of them, or LoRA + heads)
+    sample_cond(n, g), sample_data(n, g) -> (x0, cond)   conditions / data, drawn from the generator g
+    optional: loss(step, g, n, backward) (a non-π-ID baseline), evaluate(student) -> dict, export(path, state),
+              shard(mesh), autocast (bool)
+
+Micro-batch i of step s draws all its randomness from its own generator seeded by (seed, s, i) and ranks take
+disjoint micro-batches, so 1 or N processes (and a resumed run) compute the same gradients up to float summation
+order. The guard runs from step 0: a step whose loss or gradient norm is non-finite, or whose loss exceeds
+max_loss_ratio x the median of recent good losses, is not applied; max_skips bad steps in a row stop the run
+(exit != 0). A checkpoint of the weights after step s is written only once step s + 1's loss, computed with
+them, has passed the guard, so a diverged or NaN state is never written over a good one.
+
+Checkpoint: one file OUT/ckpt.pt written atomically (temporary file, fsync, os.replace): trainable weights, EMA,
+optimizer (gathered to full tensors under FSDP2, so any world size can resume), step, run settings. It holds
+plain tensors and is read with torch.load(weights_only=True). OUT/.lock keeps a second run out of OUT.
+"""
+import argparse
+import dataclasses
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+import torch.distributed as dist
+
+import common
+import piflow
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1500                  # total training steps
+    batch_size: int = 64               # global batch size (all ranks)
+    micro_batch: int = 0               # samples per micro-batch; 0 = batch_size / world size (one per rank)
+    lr: float = 1e-3                   # AdamW learning rate, betas (0.9, 0.95), no weight decay
+    warmup: int = 50                   # linear LR warm-up steps from 0.001 lr
+    cosine: bool = False               # cosine-decay the LR to 0 after warm-up (published runs: constant)
+    grad_clip: float = 50.0            # gradient-norm clip
+    clip_start: int = 0                # step from which gradients are clipped (the non-finite guard runs always)
+    ema_start: int = 50                # EMA start step (the EMA copies the weights before it)
+    ema_gamma: float = 7.0             # Karras EMA power
+    seed: int = 0                      # seed of the initialisation and of every micro-batch's randomness
+    guidance: float = 1.0              # teacher guidance scale (CFG; FLUX: distilled guidance input)
+    guidance_interval: Tuple[float, float] = (0.0, 1.0)  # sigma interval where CFG applies (inclusive)
+    data_dependent: bool = False       # Alg. 2: source states from diffused data (default: data-free Alg. 3)
+    optimizer: str = "adamw"           # adamw | adamw8bit (bitsandbytes)
+    dtype: str = "auto"                # compute dtype: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    max_skips: int = 20                # stop (exit != 0) after this many bad steps in a row
+    max_loss_ratio: float = 1000.0     # a loss above this x the median of recent good losses is a bad step
+
+    def __post_init__(self):
+        ok = [("steps", self.steps >= 1, "an integer >= 1"), ("batch_size", self.batch_size >= 1, "an integer >= 1"),
+              ("micro_batch", self.micro_batch >= 0 and (self.micro_batch == 0 or self.batch_size % self.micro_batch
+                                                         == 0), f"0 or a divisor of batch_size={self.batch_size}"),
+              ("lr", self.lr > 0 and math.isfinite(self.lr), "a finite value > 0"),
+              ("warmup", self.warmup >= 0, "an integer >= 0"), ("grad_clip", self.grad_clip > 0, "> 0"),
+              ("ema_gamma", self.ema_gamma > 0, "> 0"), ("guidance", math.isfinite(self.guidance), "a finite value"),
+              ("optimizer", self.optimizer in ("adamw", "adamw8bit"), "adamw or adamw8bit"),
+              ("dtype", self.dtype in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
+              ("max_skips", self.max_skips >= 1, "an integer >= 1"),
+              ("max_loss_ratio", self.max_loss_ratio > 1, "a value > 1")]
+        for name, good, accepted in ok:
+            if not good:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; expected {accepted}")
+
+
+# Named presets: one row of the paper's tables (or the shipped toy recipe) each. A preset sets defaults;
+# explicit flags still win. Keys are TrainConfig / PiIDConfig / attachment option fields.
+PRESETS = {
+    # toy teacher (toy.py): the default run, and the embedded toy student's recipe (assets/README.md)
+    "toy": dict(teacher="toy", policy="gm", K=8, nfe=4),
+    "toy-gm-k8-4nfe": dict(teacher="toy", policy="gm", K=8, nfe=4, steps=8000, batch_size=64, lr=1e-3, cosine=True),
+    # Table 8: ImageNet 256, GM students of SiT-XL/2 size, data-dependent, 1 or 2 NFE
+    "gmrepa-k32-1nfe": dict(teacher="sit", teacher_ckpt="repa", policy="gm", K=32, nfe=1, guidance=3.2,
+                            guidance_interval=(0.0, 0.7), gm_dropout=0.05, loss_scale=3.0, lr=5e-5, warmup=400,
+                            clip_start=400, ema_start=400, batch_size=4096, steps=140000, data_dependent=True),
+    "gmrepa-k32-2nfe": dict(teacher="sit", teacher_ckpt="repa", policy="gm", K=32, nfe=2, guidance=2.8,
+                            guidance_interval=(0.0, 0.7), gm_dropout=0.05, loss_scale=3.0, lr=5e-5, warmup=400,
+                            clip_start=400, ema_start=400, batch_size=4096, steps=24000, data_dependent=True),
+    "gmdit-k32-1nfe": dict(teacher="sit", teacher_ckpt="flowdit", policy="gm", K=32, nfe=1, guidance=2.7,
+                           guidance_interval=(0.0, 0.6), gm_dropout=0.05, loss_scale=3.0, lr=5e-5, warmup=400,
+                           clip_start=400, ema_start=400, batch_size=4096, steps=140000, data_dependent=True),
+    # Table 9: text-to-image, LoRA r=256 + head, shift 3.2, final step 0.5, micro-window 3
+    "gmflux-k8-4nfe": dict(model="flux", policy="gm", K=8, nfe=4, shift=3.2, final_step_scale=0.5,
+                           num_intermediate=4, window_substeps=3, gm_dropout=0.1, loss_scale=30.0, decay_iters=2000,
+                           guidance=3.5, lr=1e-4, warmup=100, clip_start=100, ema_start=100, batch_size=256,
+                           micro_batch=2, steps=3000),
+    "gmflux-k8-8nfe": dict(model="flux", policy="gm", K=8, nfe=8, shift=3.2, final_step_scale=0.5,
+                           num_intermediate=4, window_substeps=3, gm_dropout=0.1, loss_scale=30.0, decay_iters=2000,
+                           guidance=3.5, lr=1e-4, warmup=100, clip_start=100, ema_start=100, batch_size=256,
+                           micro_batch=2, steps=3000),
+    "dxflux-n10-4nfe": dict(model="flux", policy="dx", N=10, nfe=4, shift=3.2, final_step_scale=0.5,
+                            num_intermediate=4, window_substeps=3, loss_scale=30.0, decay_iters=2000, guidance=3.5,
+                            lr=1e-4, warmup=100, clip_start=100, ema_start=100, batch_size=256, micro_batch=2,
+                            steps=3000),
+    "gmqwen-k8-4nfe": dict(model="qwen", policy="gm", K=8, nfe=4, shift=3.2, final_step_scale=0.5,
+                           num_intermediate=2, window_substeps=3, gm_dropout=0.1, loss_scale=30.0, guidance=4.0,
+                           lr=1e-4, warmup=100, clip_start=100, ema_start=100, batch_size=256, micro_batch=2,
+                           steps=9000),
+    "dxqwen-n10-4nfe": dict(model="qwen", policy="dx", N=10, nfe=4, shift=3.2, final_step_scale=0.5,
+                            num_intermediate=2, window_substeps=3, loss_scale=30.0, guidance=4.0, lr=1e-4,
+                            warmup=100, clip_start=100, ema_start=100, batch_size=256, micro_batch=2, steps=9000),
+}
+
+# Settings that may change when a run is resumed; every other setting is the run's identity.
+RUN_KEYS = ("steps", "out", "resume", "overwrite", "export", "log_every", "ckpt_every", "eval_every",
+            "no_progress", "threads", "max_skips", "max_loss_ratio", "preset")
+
+
+#################################################################################
+#                         Command line (shared by the scripts)                  #
+#################################################################################
+
+def add_run_flags(parser, out_default):
+    g = parser.add_argument_group("run")
+    g.add_argument("--out", default=out_default, help="run folder: ckpt.pt, log.txt (default: %(default)s)")
+    g.add_argument("--resume", action="store_true", help="continue OUT/ckpt.pt (same settings, larger --steps)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an OUT that holds a checkpoint (it is replaced only by a good new one)")
+    g.add_argument("--export", default=None, help="also write the EMA student here at every checkpoint "
+                   "(the format sample.py reads) (default: %(default)s)")
+    g.add_argument("--log-every", type=int, default=50, help="log the loss every N steps (default: %(default)s)")
+    g.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps; 0 = at the end only "
+                   "(default: %(default)s)")
+    g.add_argument("--eval-every", type=int, default=500, help="evaluate the EMA student every N steps, 0 = off "
+                   "(default: %(default)s)")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads per process, 0 = torch's default "
+                   "(default: %(default)s)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_run_flags(parser, args):
+    common.check(parser, args, [("log_every", args.log_every >= 0, "an integer >= 0"),
+                                ("ckpt_every", args.ckpt_every >= 0, "an integer >= 0"),
+                                ("eval_every", args.eval_every >= 0, "an integer >= 0"),
+                                ("threads", args.threads >= 0, "an integer >= 0")])
+
+
+#################################################################################
+#                                   The loop                                    #
+#################################################################################
+
+def lr_at(step, tc):
+    """Linear warm-up from 0.001 lr (published configs), then constant or cosine decay to 0 at tc.steps."""
+    lr = tc.lr * min(1.0, 0.001 + (1 - 0.001) * step / max(tc.warmup, 1))
+    if tc.cosine and step >= tc.warmup:
+        lr = 0.5 * tc.lr * (1 + math.cos(math.pi * (step - tc.warmup) / max(tc.steps - tc.warmup, 1)))
+    return lr
+
+
+class Diverged(Exception):
+    """The guard stopped the run: too many bad steps in a row, or final weights that fail it."""
+
+
+def micro_seed(seed, step, i):
+    return (seed * 1_000_003 + step) * 65_537 + i
+
+
+def micro_loss(att, cfg, tc, step, g, n, backward):
+    """One micro-batch of n samples: π-ID (Alg. 2 or Alg. 3), or the attachment's own baseline loss."""
+    if hasattr(att, "loss"):
+        return att.loss(step, g, n, backward)
+    if tc.data_dependent:
+        x0, cond = att.sample_data(n, g)
+        loss = piflow.piid_data_dependent(att.student, att.teacher, x0, cond, cfg, step, g)
+        backward(loss)
+        return loss.detach()
+    cond = att.sample_cond(n, g)
+    noise = torch.randn((n,) + tuple(att.noise_shape), generator=g, device=g.device)
+    return piflow.piid_data_free(att.student, att.teacher, noise, cond, cfg, step, g, backward=backward)
+
+
+class Run:
+    """Process group, lock, resume and checkpoint I/O of one training run."""
+
+    def __init__(self, out):
+        self.ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        cuda = torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+        if self.ddp:
+            dist.init_process_group("nccl" if cuda else "gloo")
+            if cuda:
+                torch.cuda.set_device(self.device)
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if self.ddp else (0, 1)
+        self.out, self.ckpt = out, os.path.join(out, "ckpt.pt")
+        self.lock, self.log = None, None
+
+    def agree(self, ok):
+        """All ranks learn whether every rank succeeded (a lock refused on rank 0 stops all of them)."""
+        if not self.ddp:
+            return ok
+        t = torch.tensor([int(ok)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    def take_lock(self):
+        err = None
+        if self.rank == 0:
+            try:
+                common.check_writable(self.out, "--out", is_dir=True)
+                self.lock = common.RunLock(self.out)
+            except common.UserError as e:
+                err = e
+        if not self.agree(err is None):
+            raise err or common.UserError("rank 0 could not take the --out lock")
+
+    def say(self, msg, bar=None):
+        if self.rank:
+            return
+        (bar.write if bar is not None else print)(msg)
+        sys.stdout.flush()
+        if self.log is None:
+            self.log = open(os.path.join(self.out, "log.txt"), "a")
+        self.log.write(msg + "\n")
+        self.log.flush()
+
+    def close(self):
+        if self.log is not None:
+            self.log.close()
+        if self.lock is not None:
+            self.lock.release()
+        if self.ddp:
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def read_checkpoint(path, settings, steps):
+    """Load ckpt.pt (weights_only) and refuse a resume whose settings differ or whose --steps is not larger."""
+    ck = common.load_tensors(path, "--resume: checkpoint")
+    if not isinstance(ck, dict) or not {"step", "settings", "student", "ema", "opt"} <= set(ck):
+        raise common.UserError(f"--resume: {path!r} is not a piflow training checkpoint")
+    old = ck["settings"]
+    diff = [k for k in sorted(set(old) | set(settings)) if k not in RUN_KEYS and old.get(k) != settings.get(k)]
+    if diff:
+        k = diff[0]
+        raise common.UserError(f"--resume: {common.flag(k)}={settings.get(k)!r} differs from the checkpoint's "
+                               f"{old.get(k)!r} ({len(diff)} setting(s) differ: {', '.join(diff)}); resume with the "
+                               "checkpoint's settings or start a new --out")
+    if steps <= ck["step"]:
+        raise common.UserError(f"--steps={steps} is not accepted; expected a value > {ck['step']}, the "
+                               "checkpoint's step")
+    return ck
+
+
+def full_tensors(named):
+    """{name: full CPU tensor} (gathers FSDP2 DTensor shards; collective)."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone() for k, v in named.items()}
+
+
+@torch.no_grad()
+def load_into(named, full):
+    """Copy full tensors into (possibly sharded) parameters / EMA tensors."""
+    for k, p in named.items():
+        v = full[k].to(p.device, p.dtype) if not hasattr(p, "full_tensor") else full[k]
+        if hasattr(p, "full_tensor"):
+            from torch.distributed.tensor import distribute_tensor
+            v = distribute_tensor(v.to(p.dtype), p.device_mesh, p.placements)
+        p.copy_(v)
+
+
+@torch.no_grad()
+def swap(params, values):
+    """Exchange parameter values with `values` in place (EMA in for evaluation, and back)."""
+    for k, p in params.items():
+        tmp = p.detach().clone()
+        p.copy_(values[k])
+        values[k].copy_(tmp)
+
+
+def make_optimizer(params, tc, say):
+    cls = torch.optim.AdamW
+    if tc.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+            cls = bnb.optim.AdamW8bit
+        except ImportError:
+            say("--optimizer adamw8bit: bitsandbytes is not installed; using torch AdamW")
+    return cls(list(params.values()), lr=tc.lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+
+def train(build, cfg, tc, settings, args):
+    """Run π-ID; returns (attachment, {name: EMA tensor}).
+
+    build(device, tc) -> attachment. settings: every setting of the run (stored in the checkpoint, checked on
+    resume). args: the run flags (out, resume, overwrite, export, log_every, ckpt_every, eval_every, ...).
+    """
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)                            # denormals make the CPU GM posterior very slow
+    run = Run(args.out)
+    try:
+        return _train(run, build, cfg, tc, settings, args)
+    finally:
+        run.close()
+
+
+def _train(run, build, cfg, tc, settings, args):
+    device, rank, world = run.device, run.rank, run.world
+    # --- every user error before heavy work: lock, resume identity, batch split
+    has_ckpt = os.path.exists(run.ckpt)
+    if args.resume and not has_ckpt:
+        raise common.UserError(f"--resume: no checkpoint at {run.ckpt!r}; train without --resume first")
+    if not args.resume and has_ckpt and not args.overwrite:
+        raise common.UserError(f"--out={args.out!r} already holds ckpt.pt; pass --resume to continue or "
+                               "--overwrite to start afresh")
+    micro = tc.micro_batch or tc.batch_size // world
+    n_micro = tc.batch_size // micro if micro else 0
+    if not micro or tc.batch_size % micro or n_micro % world:
+        raise common.UserError(f"--batch-size={tc.batch_size} / --micro-batch={tc.micro_batch} do not split "
+                               f"over {world} process(es); expected a number of micro-batches divisible by {world}")
+    if args.export:
+        common.check_writable(args.export, "--export")
+    run.take_lock()
+    ck = read_checkpoint(run.ckpt, settings, tc.steps) if args.resume else None
+    # --- model (identical initialisation on every rank)
+    torch.manual_seed(tc.seed)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(tc.dtype) or \
+        (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    att = build(device, dtype)
+    student = att.student
+    student.piid_config = cfg                                # the sampler keeps the training schedule
+    sharded = world > 1 and getattr(att, "sharded", False)
+    if sharded:
+        from torch.distributed.device_mesh import init_device_mesh
+        att.shard(init_device_mesh(device.type, (world,)))
+    params = att.trainable()
+    opt = make_optimizer(params, tc, run.say)
+    ema = {k: p.detach().clone().float() for k, p in params.items()}
+    start, recent = 0, []
+    if ck is not None:
+        load_into(params, ck["student"])
+        load_into(ema, ck["ema"])
+        load_optimizer(opt, student, ck["opt"], sharded)
+        start, recent = ck["step"], list(ck.get("recent_losses", []))
+        del ck
+    teacher_autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and not sharded
+                                      and getattr(att, "autocast", True))
+    n_local = n_micro // world
+    run.say(f"pi-ID {'data-dependent' if tc.data_dependent else 'data-free'} | preset {settings.get('preset')} | "
+            f"world {world} | {n_micro} micro-batches of {micro} | trainable "
+            f"{sum(p.numel() for p in params.values()) / 1e6:.2f} M | steps {start} -> {tc.steps}")
+
+    def step_loss(step, backward):
+        """Loss of `step` over this rank's micro-batches (summed over ranks), gradients via backward()."""
+        total = torch.zeros((), device=device)
+        for i in range(rank * n_local, (rank + 1) * n_local):
+            seed = micro_seed(tc.seed, step, i)
+            torch.manual_seed(seed)                           # module-internal randomness (LoRA dropout)
+            g = torch.Generator(device=device).manual_seed(seed)
+            with teacher_autocast:
+                total += micro_loss(att, cfg, tc, step, g, micro, backward).float() / n_micro
+        if world > 1:
+            dist.all_reduce(total)
+        return total
+
+    def is_bad(loss, gnorm):
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            return f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'}"
+        if recent and loss > tc.max_loss_ratio * statistics.median(recent):
+            return f"loss {loss:.3g} > {tc.max_loss_ratio:g} x the median of recent losses"
+        return None
+
+    def save(step):
+        """One consistent unit: weights, EMA, optimizer, step and settings in one atomically replaced file."""
+        state = {"step": step, "settings": settings, "student": full_tensors(params), "ema": full_tensors(ema),
+                 "opt": optimizer_state(opt, student, sharded), "recent_losses": list(recent)}
+        if rank == 0:
+            common.check_finite(state["student"], "checkpoint")
+            common.check_finite(state["ema"], "checkpoint EMA")
+            common.save_torch(state, run.ckpt)
+            if args.export and hasattr(att, "export"):
+                att.export(args.export, state["ema"])
+        if world > 1:
+            dist.barrier()
+
+    steps = range(start, tc.steps)
+    bar = None
+    if rank == 0 and not args.no_progress:
+        from tqdm import tqdm
+        steps = bar = tqdm(steps, initial=start, total=tc.steps, desc="pi-ID", dynamic_ncols=True)
+    pending = False
+    skips, t_log, window = 0, time.time(), []
+    student.train()
+    for step in steps:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, tc)
+        opt.zero_grad(set_to_none=False)
+        loss = float(step_loss(step, lambda l: (l / n_local).backward()))
+        if world > 1 and not sharded:                         # replicated: average gradients over ranks
+            for p in params.values():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad.div_(world)
+        clip = tc.grad_clip if step >= tc.clip_start else math.inf
+        gnorm = torch.nn.utils.clip_grad_norm_(list(params.values()), clip)
+        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+        bad = is_bad(loss, gnorm)
+        if bad:                                               # not applied; the weights stay as they were
+            skips += 1
+            run.say(f"step {step}: {bad}; step skipped ({skips} in a row)", bar)
+            if skips >= tc.max_skips:
+                raise Diverged(f"stopped after {skips} bad steps in a row (last: {bad}); the last good "
+                                   f"checkpoint {run.ckpt!r} is untouched. Lower --lr or check the teacher.")
+            continue
+        skips = 0
+        if pending:                                           # this step's loss validates the weights: save them
+            save(step)
+            pending = False
+        opt.step()
+        piflow.ema_update(ema, params, piflow.ema_beta(step, tc.ema_gamma, tc.ema_start))
+        recent = (recent + [loss])[-100:]
+        window.append(loss)
+        done = step + 1
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4g}")
+        if args.log_every and done % args.log_every == 0:
+            run.say(f"step {done} | loss {sum(window) / len(window):.5f} | {len(window) / (time.time() - t_log):.2f} "
+                    f"steps/s | lr {lr_at(step, tc):.3g}", bar)
+            t_log, window = time.time(), []
+        if args.eval_every and done % args.eval_every == 0 and hasattr(att, "evaluate"):
+            swap(params, ema)
+            m = att.evaluate(student) if rank == 0 or sharded else {}
+            swap(params, ema)
+            run.say(f"step {done} | eval EMA: " + " ".join(f"{k} {v:.4f}" for k, v in m.items()), bar)
+        if args.ckpt_every and done % args.ckpt_every == 0 and done < tc.steps:
+            pending = True
+    # the final weights are validated by one more loss on the next step's first micro-batches
+    with torch.no_grad():
+        bad = is_bad(float(step_loss(tc.steps, lambda l: None)), 0.0)
+    if bad:
+        raise Diverged(f"the final weights fail the guard ({bad}); {run.ckpt!r} keeps the last good step")
+    save(tc.steps)
+    run.say(f"saved {run.ckpt} (step {tc.steps})" + (f"; exported {args.export}" if args.export else ""), bar)
+    if bar is not None:
+        bar.close()
+    return att, ema
+
+
+#################################################################################
+#                     Optimizer state: one file for any world size              #
+#################################################################################
+
+def optimizer_state(opt, model, sharded):
+    """Full optimizer state: plain state_dict when replicated; gathered from the FSDP2 shards otherwise."""
+    if not sharded:
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer(opt, model, state, sharded):
+    if not sharded:
+        opt.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+
+
+#################################################################################
+#                       Settings of a run, and the CLI glue                     #
+#################################################################################
+
+def settings_of(*configs, **extra):
+    """One flat dict of every setting (dataclasses and extra values); tuples become lists (JSON-like)."""
+    out = {}
+    for c in configs:
+        out.update(dataclasses.asdict(c) if dataclasses.is_dataclass(c) else dict(c))
+    out.update(extra)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def parse(prog, argv, select, modules, default_preset, description):
+    """The training command line of a script: `select` (--teacher / --model) picks the attachment module,
+    --preset a row of PRESETS whose values become the defaults (shown by --help), and the flags derive from
+    piflow.PiIDConfig, TrainConfig and the module's Options. Returns (args, cfg, tc, opts, settings, module)."""
+    import importlib
+    argv = sys.argv[1:] if argv is None else list(argv)
+    presets = sorted(k for k, v in PRESETS.items() if v.get(select) in modules)
+    pre = argparse.ArgumentParser(prog=prog, add_help=False)
+    pre.add_argument("--preset", choices=presets, default=None)
+    pre.add_argument(common.flag(select), choices=sorted(modules), default=None)
+    known = pre.parse_known_args(argv)[0]
+    choice = getattr(known, select) or PRESETS.get(known.preset, {}).get(select) or next(iter(modules))
+    preset_name = known.preset or default_preset.get(choice)
+    preset = dict(PRESETS.get(preset_name) or {})
+    if preset.get(select, choice) != choice:
+        pre.error(f"--preset={preset_name!r} is for {common.flag(select)} {preset[select]}, not {choice}")
+    module = importlib.import_module(modules[choice])
+    p = argparse.ArgumentParser(prog=prog, description=description + f" Defaults shown are those of "
+                                f"{common.flag(select)} {choice}" + (f", --preset {preset_name}." if preset_name else "."))
+    p.add_argument(common.flag(select), choices=sorted(modules), default=choice, help="the model to distill; "
+                   "--help lists its own options (default: %(default)s)")
+    p.add_argument("--preset", choices=presets, default=preset_name, help="a row of the paper's tables "
+                   "(trainer.PRESETS); explicit flags override it (default: %(default)s)")
+    common.add_flags(p.add_argument_group("pi-ID (piflow.PiIDConfig)"), piflow.PiIDConfig, preset)
+    common.add_flags(p.add_argument_group("training (trainer.TrainConfig)"), TrainConfig, preset)
+    common.add_flags(p.add_argument_group(f"{common.flag(select)} {choice} ({module.__name__}.Options)"),
+                     module.Options, {k: v for k, v in preset.items() if k != select},
+                     skip=(select,), aliases=getattr(module, "FLAG_ALIASES", None))
+    add_run_flags(p, f"runs/{choice}")
+    args = p.parse_args(argv)
+    check_run_flags(p, args)
+    setattr(args, select, choice)
+    cfg, tc, opts = (common.build(cls, args, p) for cls in (piflow.PiIDConfig, TrainConfig, module.Options))
+    settings = settings_of(cfg, tc, opts, **{select: choice, "preset": args.preset})
+    return args, cfg, tc, opts, settings, module
+
+
+def main(prog, argv, select, modules, default_preset, description):
+    """A training script's main: parse, then train() under the one-line user-error policy. A run stopped by the
+    guard exits 3 with one line. Returns (attachment, EMA tensors) of rank 0."""
+    args, cfg, tc, opts, settings, module = parse(prog, argv, select, modules, default_preset, description)
+    build = lambda device, dtype: module.attach(opts, cfg, tc, settings, device, dtype)
+    with common.user_errors(prog):
+        try:
+            return train(build, cfg, tc, settings, args)
+        except Diverged as e:
+            print(f"{prog}: stopped: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(3) from None
