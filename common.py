@@ -214,7 +214,7 @@ def check_writable(path, what, is_dir=False):
         raise UserError(f"{what}={path!r}: {probe!r} is not a writable folder")
     if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"{what}={path!r}: folder {folder!r} is not writable")
-    if not is_dir and os.path.isdir(path):
+    if not is_dir and os.path.isdir(path) and not os.path.islink(path):          # a link: a publish_dir export
         raise UserError(f"{what}={path!r} is a folder; expected a file path")
 
 

@@ -379,9 +379,9 @@ def _train(run, build, cfg, tc, settings, args):
         if rank == 0:
             common.check_finite(state["student"], "checkpoint")
             common.check_finite(state["ema"], "checkpoint EMA")
-            common.save_torch(state, run.ckpt)
-            if args.export and hasattr(att, "export"):
+            if args.export and hasattr(att, "export"):            # derived files first: ckpt.pt is the commit
                 att.export(args.export, state["ema"])
+            common.save_torch(state, run.ckpt)
         if world > 1:
             dist.barrier()
 
@@ -407,26 +407,25 @@ def _train(run, build, cfg, tc, settings, args):
         clip = tc.grad_clip if step >= tc.clip_start else math.inf
         gnorm = torch.nn.utils.clip_grad_norm_(list(params.values()), clip)
         gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-        bad = is_bad(loss, gnorm)
+        bad, done = is_bad(loss, gnorm), step + 1
         if bad:                                               # not applied; the weights stay as they were
             skips += 1
             run.say(f"step {step}: {bad}; step skipped ({skips} in a row)", bar)
             if skips >= tc.max_skips:
                 raise Diverged(f"stopped after {skips} bad steps in a row (last: {bad}); the last good "
-                                   f"checkpoint {run.ckpt!r} is untouched. Lower --lr or check the teacher.")
-            continue
-        skips = 0
-        if pending:                                           # this step's loss validates the weights: save them
-            save(step)
-            pending = False
-        opt.step()
-        piflow.ema_update(ema, params, piflow.ema_beta(step, tc.ema_gamma, tc.ema_start))
-        recent = (recent + [loss])[-100:]
-        window.append(loss)
-        done = step + 1
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss:.4g}")
-        if args.log_every and done % args.log_every == 0:
+                               f"checkpoint {run.ckpt!r} is untouched. Lower --lr or check the teacher.")
+        else:
+            skips = 0
+            if pending:                                       # this step's loss validates the weights: save them
+                save(step)
+                pending = False
+            opt.step()
+            piflow.ema_update(ema, params, piflow.ema_beta(step, tc.ema_gamma, tc.ema_start))
+            recent = (recent + [loss])[-100:]
+            window.append(loss)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4g}")
+        if args.log_every and done % args.log_every == 0 and window:
             run.say(f"step {done} | loss {sum(window) / len(window):.5f} | {len(window) / (time.time() - t_log):.2f} "
                     f"steps/s | lr {lr_at(step, tc):.3g}", bar)
             t_log, window = time.time(), []
@@ -436,7 +435,7 @@ def _train(run, build, cfg, tc, settings, args):
             swap(params, ema)
             run.say(f"step {done} | eval EMA: " + " ".join(f"{k} {v:.4f}" for k, v in m.items()), bar)
         if args.ckpt_every and done % args.ckpt_every == 0 and done < tc.steps:
-            pending = True
+            pending = True                                    # written at the next good step (validated)
     # the final weights are validated by one more loss on the next step's first micro-batches
     with torch.no_grad():
         bad = is_bad(float(step_loss(tc.steps, lambda l: None)), 0.0)

@@ -1,0 +1,398 @@
+"""Tests of the one training loop and its checkpoint layer (trainer.py, common.py) on the toy attachment.
+
+What is checked, and against what:
+  * resume: a run interrupted at a checkpoint and resumed equals an uninterrupted run bit for bit (weights, EMA,
+    AdamW moments), also after a simulated crash at every write boundary of every checkpoint;
+  * the guard: NaN / exploding steps are skipped from step 0, the run stops (exit 3) after --max-skips, and no
+    checkpoint or export ever holds non-finite or diverged weights; a good checkpoint is left byte-identical;
+  * safety: pickle payloads are refused everywhere (a marker file is never created), a second run on a locked
+    --out is refused, a resume with other settings is refused, bad flags fail before any work;
+  * torchrun: 2 processes with default flags train, and equal 1 process up to float summation order (AdamW moments
+    compared, since AdamW's update hides a constant gradient scale).
+"""
+import argparse
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import piflow
+import sample
+import toy
+import train_imagenet
+import trainer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+torch.set_num_threads(1)
+TINY = ["--teacher", "toy", "--width", "32", "--depth", "1", "--K", "4", "--nfe", "2", "--batch-size", "8",
+        "--micro-batch", "4", "--warmup", "1", "--ema-start", "0", "--log-every", "0", "--eval-every", "0",
+        "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def flush_denormals():
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_flush_denormal(False)
+
+
+def ckpt(path):
+    return torch.load(os.path.join(path, "ckpt.pt"), weights_only=True)
+
+
+def assert_same_state(a, b):
+    """Weights, EMA and AdamW state (moments and step counts) identical, bit for bit."""
+    assert a["step"] == b["step"]
+    for key in ("student", "ema"):
+        assert a[key].keys() == b[key].keys()
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    sa, sb = a["opt"]["state"], b["opt"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        assert all(torch.equal(sa[i][m], sb[i][m]) for m in ("exp_avg", "exp_avg_sq", "step")), i
+
+
+def one_line_error(capsys):
+    err = capsys.readouterr().err.strip()
+    assert err and len(err.splitlines()) == 1, err
+    return err
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume and crash consistency
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra", [[], ["--data-dependent", "--policy", "dx", "--N", "4"],
+                                   ["--cosine", "--total-substeps", "16", "--gm-dropout", "0.2"],
+                                   ["--policy", "shortcut"]])
+def test_resume_continues_identically(tmp_path, extra):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train_imagenet.main(TINY + extra + ["--steps", "4", "--out", full])
+    train_imagenet.main(TINY + extra + ["--steps", "2", "--out", part])                 # "interrupted" at step 2
+    train_imagenet.main(TINY + extra + ["--steps", "4", "--out", part, "--resume"])
+    a, b = ckpt(full), ckpt(part)
+    assert_same_state(a, b)
+    moved = max((a["student"][k] - b["student"][k]).abs().max() for k in a["student"])
+    assert moved == 0
+    assert any(v.abs().max() > 0 for k, v in a["opt"]["state"][0].items() if k == "exp_avg")   # moments are real
+
+
+class Crash(Exception):
+    pass
+
+
+def crashing_saves(monkeypatch, at):
+    """Make the at-th write event of common.save_atomic crash: events per save are (mid-write: a truncated temp
+    file), (written, before os.replace), (after os.replace). Returns the event counter."""
+    real, count = common.save_atomic, [0]
+
+    def tick():
+        count[0] += 1
+        if count[0] == at:
+            raise Crash(at)
+
+    def save_atomic(path, write):
+        def w(tmp):
+            write(tmp)
+            if count[0] + 1 == at:                                            # a crash half-way through the write
+                with open(tmp, "r+b") as f:
+                    f.truncate(os.path.getsize(tmp) // 2)
+            tick()
+            tick()
+        real(path, w)
+        tick()
+    monkeypatch.setattr(common, "save_atomic", save_atomic)
+    return count
+
+
+def test_crash_at_every_write_boundary_resumes_old_or_new_step(tmp_path, monkeypatch):
+    """Kill the run at each write boundary of each checkpoint (and its export): what is on disk is a complete
+    step-s checkpoint equal to the uninterrupted run's step s, and continuing from it reproduces the final state."""
+    args = TINY + ["--steps", "2", "--ckpt-every", "1"]
+    ref_dir = str(tmp_path / "ref")
+    snapshots, real = {}, common.save_torch
+
+    def keep(obj, path):                                                       # record every reference checkpoint
+        real(obj, path)
+        if path.endswith("ckpt.pt"):
+            snapshots[obj["step"]] = torch.load(path, weights_only=True)
+    monkeypatch.setattr(common, "save_torch", keep)
+    train_imagenet.main(args + ["--out", ref_dir, "--export", str(tmp_path / "ref.pt")])
+    monkeypatch.setattr(common, "save_torch", real)
+    assert sorted(snapshots) == [1, 2]
+    events = crashing_saves(monkeypatch, at=10 ** 9)
+    train_imagenet.main(args + ["--out", str(tmp_path / "count"), "--export", str(tmp_path / "count.pt")])
+    n_events = events[0]
+    assert n_events == 2 * 6                                # (2 checkpoints + 2 exports) x 3 events
+    for at in range(1, n_events + 1):
+        out, exp = str(tmp_path / f"c{at}"), str(tmp_path / f"c{at}.pt")
+        crashing_saves(monkeypatch, at)
+        with pytest.raises(Crash):
+            train_imagenet.main(args + ["--out", out, "--export", exp])
+        monkeypatch.setattr(common, "save_atomic", _REAL_SAVE_ATOMIC)
+        if os.path.exists(os.path.join(out, "ckpt.pt")):
+            on_disk = ckpt(out)
+            assert_same_state(on_disk, snapshots[on_disk["step"]])              # the old step or the new one
+            if on_disk["step"] < 2:
+                train_imagenet.main(args + ["--out", out, "--export", exp, "--resume"])
+        else:
+            train_imagenet.main(args + ["--out", out, "--export", exp, "--overwrite"])
+        assert_same_state(ckpt(out), snapshots[2])
+        assert all(torch.equal(v, torch.load(exp, weights_only=True)["ema"][k])
+                   for k, v in torch.load(str(tmp_path / "ref.pt"), weights_only=True)["ema"].items())
+
+
+_REAL_SAVE_ATOMIC = common.save_atomic
+
+
+# ------------------------------------------------------------------------------------------------
+# The guard: skipped steps, stop, never a bad checkpoint
+# ------------------------------------------------------------------------------------------------
+
+def test_lr_1e6_from_step_0_stops_and_never_writes_bad_weights(tmp_path, capsys):
+    out, exp = tmp_path / "run", tmp_path / "exp.pt"
+    train_imagenet.main(TINY + ["--steps", "2", "--out", str(out), "--export", str(exp)])   # a good checkpoint
+    good, good_exp = (out / "ckpt.pt").read_bytes(), exp.read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train_imagenet.main(TINY + ["--steps", "40", "--lr", "1e6", "--ckpt-every", "1", "--max-skips", "5",
+                                    "--out", str(out), "--export", str(exp), "--overwrite"])
+    assert e.value.code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stopped after 5 bad steps" in err[0], err
+    assert (out / "ckpt.pt").read_bytes() == good and exp.read_bytes() == good_exp   # untouched, byte for byte
+    log = (out / "log.txt").read_text()
+    assert "step skipped (5 in a row)" in log
+
+
+class FlakyToy(toy.ToyAttachment):
+    """The toy attachment whose teacher returns NaN (or 1e4 x its velocity) at chosen training steps."""
+
+    def __init__(self, bad, *a):
+        super().__init__(*a)
+        self.bad, self.step, clean = bad, 0, self.teacher
+        scale = {"nan": float("nan"), "big": 1e4}
+        self.teacher = lambda x_t, sigma, cond: clean(x_t, sigma, cond) * scale.get(self.bad.get(self.step), 1.0)
+
+    def loss(self, step, g, n, backward):
+        self.step = step
+        noise = torch.randn((n,) + toy.IMG, generator=g)
+        return piflow.piid_data_free(self.student, self.teacher, noise, self.sample_cond(n, g), self.cfg, step, g,
+                                     backward=backward)
+
+
+def train_flaky(out, bad, steps, ckpt_every):
+    cfg = piflow.PiIDConfig(nfe=2)
+    tc = trainer.TrainConfig(steps=steps, batch_size=4, micro_batch=4, warmup=1, ema_start=0, max_skips=3)
+    opts = toy.Options(K=4, width=32, depth=1)
+    settings = trainer.settings_of(cfg, tc, opts, teacher="toy")
+    run = argparse.Namespace(out=str(out), resume=False, overwrite=False, export=None, log_every=0,
+                             ckpt_every=ckpt_every, eval_every=0, threads=1, no_progress=True)
+    return trainer.train(lambda device, dtype: FlakyToy(bad, opts, cfg, tc, settings, device), cfg, tc, settings, run)
+
+
+def test_bad_steps_are_skipped_without_touching_weights_ema_or_optimizer(tmp_path):
+    """NaN at steps 2-3 and an exploding loss (1e4 x teacher) at step 5 are not applied: the state saved at step 4
+    (validated by step 4's good loss) equals a clean run's state after its 2 steps, bit for bit."""
+    train_flaky(tmp_path / "a", {2: "nan", 3: "nan", 5: "big"}, steps=8, ckpt_every=4)
+    log = (tmp_path / "a" / "log.txt").read_text()
+    assert "step 2: non-finite loss" in log and "step 3: non-finite loss" in log
+    assert "step 5: loss" in log and "x the median of recent losses" in log
+    snapshots, real = {}, common.save_torch
+    try:
+        common.save_torch = lambda obj, path: (real(obj, path), snapshots.setdefault(obj["step"], torch.load(
+            path, weights_only=True)))
+        train_flaky(tmp_path / "b", {2: "nan", 3: "nan", 5: "big"}, steps=8, ckpt_every=4)
+    finally:
+        common.save_torch = real
+    train_flaky(tmp_path / "clean", {}, steps=2, ckpt_every=0)
+    clean = ckpt(tmp_path / "clean")
+    at4 = dict(snapshots[4], step=2)
+    assert_same_state(at4, clean)
+    final = ckpt(tmp_path / "b")
+    assert final["step"] == 8 and all(torch.isfinite(v).all() for v in final["student"].values())
+
+
+def test_guard_counts_only_consecutive_bad_steps():
+    tc = trainer.TrainConfig()
+    assert tc.max_skips == 20 and tc.max_loss_ratio == 1000.0
+    with pytest.raises(ValueError, match="max_skips"):
+        trainer.TrainConfig(max_skips=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Safety: pickles, locks, identity, bad flags
+# ------------------------------------------------------------------------------------------------
+
+class Payload:
+    """Unpickling this creates a marker file: proof that code ran on load."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def evil_checkpoint(path, marker, like=None):
+    obj = dict(like or {}, payload=Payload(str(marker)))
+    torch.save(obj, path)
+
+
+def test_pickle_payload_is_refused_everywhere(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    run = tmp_path / "run"
+    train_imagenet.main(TINY + ["--steps", "1", "--out", str(run), "--export", str(tmp_path / "exp.pt")])
+    good = ckpt(run)
+    evil_checkpoint(run / "ckpt.pt", marker, good)                     # a valid checkpoint with a payload inside
+    evil_checkpoint(tmp_path / "exp.pt", marker, torch.load(tmp_path / "exp.pt", weights_only=True))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train_imagenet.main(TINY + ["--steps", "3", "--out", str(run), "--resume"])
+    assert e.value.code == 2 and "unpickling" in one_line_error(capsys)
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", str(tmp_path / "exp.pt"), "--out", str(tmp_path / "s.png")])
+    assert "unpickling" in one_line_error(capsys)
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", str(run / "ckpt.pt"), "--out", str(tmp_path / "s.png")])
+    assert "unpickling" in one_line_error(capsys)
+    assert not marker.exists() and not (tmp_path / "s.png").exists()
+
+
+def test_second_run_on_a_locked_out_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import common, sys, time; lock = common.RunLock(sys.argv[1]); "
+                               "print('locked', flush=True); time.sleep(60)", str(out)], cwd=HERE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit) as e:
+            train_imagenet.main(TINY + ["--steps", "1", "--out", str(out)])
+        assert e.value.code == 2 and "in use by another run" in one_line_error(capsys)
+        assert not (out / "ckpt.pt").exists() and not (out / "log.txt").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    train_imagenet.main(TINY + ["--steps", "1", "--out", str(out)])       # the lock died with its process
+    assert ckpt(out)["step"] == 1
+
+
+def test_resume_refuses_other_settings_and_a_smaller_step(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train_imagenet.main(TINY + ["--steps", "2", "--out", out])
+    before = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    capsys.readouterr()
+    for flags, name in ((["--seed", "1"], "--seed=1"), (["--batch-size", "16"], "--batch-size=16"),
+                        (["--lr", "0.01"], "--lr=0.01"), (["--K", "8"], "--K=8"), (["--nfe", "3"], "--nfe=3")):
+        with pytest.raises(SystemExit) as e:
+            train_imagenet.main(TINY + flags + ["--steps", "4", "--out", out, "--resume"])
+        err = one_line_error(capsys)
+        assert e.value.code == 2 and name in err and "differs from the checkpoint" in err, err
+    for steps in ("2", "1"):
+        with pytest.raises(SystemExit):
+            train_imagenet.main(TINY + ["--steps", steps, "--out", out, "--resume"])
+        assert f"--steps={steps}" in one_line_error(capsys)
+    with pytest.raises(SystemExit):
+        train_imagenet.main(TINY + ["--steps", "3", "--out", out])                  # neither --resume nor --overwrite
+    assert "already holds ckpt.pt" in one_line_error(capsys)
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("flags, name", [(["--batch-size", "0"], "--batch-size=0"), (["--steps", "0"], "--steps=0"),
+                                         (["--micro-batch", "3"], "--micro-batch=3"), (["--nfe", "0"], "--nfe=0"),
+                                         (["--gm-dropout", "1.5"], "--gm-dropout=1.5"), (["--lr", "nan"], "--lr=nan"),
+                                         (["--policy", "vae"], "--policy='vae'"), (["--shift", "-1"], "--shift=-1")])
+def test_bad_flags_fail_in_one_line_before_any_work(tmp_path, capsys, flags, name):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train_imagenet.main(TINY + ["--out", str(out)] + flags)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and name in err, err
+    assert not out.exists()
+
+
+def test_unwritable_outputs_fail_before_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit):
+        train_imagenet.main(TINY + ["--steps", "1", "--out", str(blocker / "run")])
+    assert "--out=" in one_line_error(capsys)
+    with pytest.raises(SystemExit):
+        train_imagenet.main(TINY + ["--steps", "1", "--out", str(tmp_path / "r"), "--export", str(blocker / "e.pt")])
+    assert "--export=" in one_line_error(capsys) and not (tmp_path / "r").exists()
+    with pytest.raises(SystemExit):
+        sample.main(["--out", str(blocker / "grid.png")])
+    assert "--out=" in one_line_error(capsys)
+
+
+# ------------------------------------------------------------------------------------------------
+# torchrun
+# ------------------------------------------------------------------------------------------------
+
+def torchrun(args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(HERE, "train_imagenet.py")] + args, cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_torchrun_default_flags_and_equivalence_to_one_process(tmp_path):
+    """The README's torchrun line with default flags; 2 ranks == 1 process up to summation order, moments included."""
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    r = torchrun(["--teacher", "toy", "--steps", "4", "--out", two, "--no-progress"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    train_imagenet.main(["--teacher", "toy", "--steps", "4", "--out", one, "--no-progress", "--micro-batch", "32",
+                         "--threads", "1"])
+    a, b = ckpt(two), ckpt(one)
+    assert a["settings"]["micro_batch"] == 0 and b["settings"]["micro_batch"] == 32   # auto = 64 / 2 ranks
+    for key in ("student", "ema"):
+        diff = max((a[key][k] - b[key][k]).abs().max().item() for k in a[key])
+        assert diff < 1e-6, (key, diff)
+    for i, s in a["opt"]["state"].items():
+        for m in ("exp_avg", "exp_avg_sq"):
+            ref = b["opt"]["state"][i][m]
+            assert (s[m] - ref).abs().max() <= 1e-4 * ref.abs().max() + 1e-12, (i, m)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public API contracts the attachments rely on
+# ------------------------------------------------------------------------------------------------
+
+def test_policy_inputs_are_checked():
+    B, K, C = 2, 3, 4
+    means, logw, x = torch.randn(B, K, C, 5), torch.zeros(B, K, 1, 5), torch.randn(B, C, 5)
+    for bad in (torch.zeros(B), torch.zeros(B, 1), torch.zeros(1, 1, 1, 1), torch.zeros(B, 1, 1, 5)):
+        with pytest.raises(ValueError, match="logstds.shape"):
+            piflow.GMPolicy(means, logw, bad, x, 1.0)
+    for sigma in (float("nan"), torch.tensor([0.5, float("nan")])):
+        with pytest.raises(ValueError, match="sigma_src"):
+            piflow.GMPolicy(means, logw, torch.zeros(B, 1, 1, 1), x, sigma)
+        with pytest.raises(ValueError, match="sigma_src"):
+            piflow.DXPolicy(torch.randn(B, 2, C, 5), x, sigma, 0.5)
+    with pytest.raises(ValueError, match="tau_from"):
+        piflow.policy_rollout(piflow.GMPolicy(means, logw, torch.zeros(B, 1, 1, 1), x, 1.0), x, float("nan"), 0.0)
+
+
+def test_sample_keeps_the_training_schedule():
+    """A student carrying its PiIDConfig is sampled on that schedule (shift 3.2, final step 0.5) without repeating
+    it; a contradicting shift is refused; an unconditional student needs no cond."""
+    seen = []
+
+    class Student:
+        piid_config = piflow.PiIDConfig(nfe=3, shift=3.2, final_step_scale=0.5, total_substeps=8)
+
+        def __call__(self, x_t, sigma):                                      # unconditional: no cond argument
+            seen.append(float(sigma[0]))
+            return piflow.GMPolicy.from_x0(torch.zeros(1, 1, 2), torch.zeros(1, 1, 1), 0.0, x_t, sigma)
+    piflow.sample(Student(), torch.randn(1, 2))
+    taus = [1, 1 - 1 / 2.5, 1 - 2 / 2.5]
+    assert seen == pytest.approx([3.2 * t / (1 + 2.2 * t) for t in taus], abs=1e-7)
+    with pytest.raises(ValueError, match="shift"):
+        piflow.sample(Student(), torch.randn(1, 2), shift=1.0)
+    seen.clear()
+    piflow.sample(Student(), torch.randn(1, 2), nfe=1)                     # elastic NFE keeps shift/scale
+    assert seen == [1.0]
