@@ -11,16 +11,14 @@
 Medians over --repeats timed calls after --warmup calls; CUDA events on GPU.
 """
 import argparse
-import math
 import statistics
 import time
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import piflow
 import piflow_kernels
+import sit
 
 # Peak DRAM bandwidth (GB/s) of common accelerators, by substring of the device name (vendor data sheets).
 PEAK_GBPS = {"H200": 4800, "H100 PCIe": 2000, "H100 NVL": 3900, "H100": 3350, "A100-SXM4-80GB": 2039,
@@ -28,101 +26,29 @@ PEAK_GBPS = {"H200": 4800, "H100 PCIe": 2000, "H100 NVL": 3900, "H100": 3350, "A
 
 
 #################################################################################
-#                   Network: sit.SiT, or a labelled local stand-in              #
+#                        Network: sit.DiT teacher, sit.GMDiT student            #
 #################################################################################
 
-def modulate(x, shift, scale):
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-class Block(nn.Module):
-    """DiT/SiT block: adaLN-Zero modulated self-attention and MLP."""
-
-    def __init__(self, D, heads, mlp_ratio):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = (nn.LayerNorm(D, elementwise_affine=False, eps=1e-6) for _ in range(2))
-        self.qkv, self.proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
-        self.mlp = nn.Sequential(nn.Linear(D, int(D * mlp_ratio)), nn.GELU(approximate="tanh"),
-                                 nn.Linear(int(D * mlp_ratio), D))
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
-
-    def forward(self, x, c):
-        s1, g1, a1, s2, g2, a2 = self.ada(c).chunk(6, dim=1)
-        B, L, D = x.shape
-        q, k, v = self.qkv(modulate(self.norm1(x), s1, g1)).view(B, L, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, D)
-        x = x + a1.unsqueeze(1) * self.proj(h)
-        return x + a2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), s2, g2))
-
-
-class LocalDiT(nn.Module):
-    """Stand-in with SiT's constructor and forward(x, t, y), used only when sit.py cannot be imported."""
-
-    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, num_classes=1000, learn_sigma=False):
-        super().__init__()
-        D, p = hidden_size, patch_size
-        self.p, self.out_ch = p, in_channels * (2 if learn_sigma else 1)
-        self.embed = nn.Conv2d(in_channels, D, p, stride=p)
-        self.pos = nn.Parameter(torch.zeros(1, (input_size // p) ** 2, D))
-        self.t_mlp = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
-        self.y_emb = nn.Embedding(num_classes + 1, D)
-        self.blocks = nn.ModuleList(Block(D, num_heads, mlp_ratio) for _ in range(depth))
-        self.norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
-        self.out = nn.Linear(D, p * p * self.out_ch)
-
-    def forward(self, x, t, y):
-        B, _, H, W = x.shape
-        freqs = torch.exp(-math.log(10000) * torch.arange(128, device=x.device) / 128)
-        arg = t.float()[:, None] * 1000 * freqs[None]
-        c = self.t_mlp(torch.cat([arg.cos(), arg.sin()], 1).to(x.dtype)) + self.y_emb(y)
-        h = self.embed(x).flatten(2).transpose(1, 2) + self.pos
-        for blk in self.blocks:
-            h = blk(h, c)
-        s, g = self.ada(c).chunk(2, dim=1)
-        h = self.out(modulate(self.norm(h), s, g))                          # (B, L, p*p*C)
-        h = h.view(B, H // self.p, W // self.p, self.p, self.p, self.out_ch)
-        return torch.einsum("bhwpqc->bchpwq", h).reshape(B, self.out_ch, H, W)
-
-
-def net_kwargs(small, res, C):
-    kw = dict(input_size=res, patch_size=2, in_channels=C, num_classes=1000, learn_sigma=False)
-    kw.update(dict(hidden_size=192, depth=4, num_heads=3) if small else dict(hidden_size=1152, depth=28, num_heads=16))
-    return kw, ("small SiT (D=192, depth 4)" if small else "SiT-XL/2")
+def net_config(small, res, C):
+    """SiT-XL/2 (16 heads x 72, 28 layers) or, with --small, a DiT of 3 heads x 64, 4 layers (random weights)."""
+    size = dict(num_attention_heads=3, attention_head_dim=64, num_layers=4) if small else \
+        dict(num_attention_heads=16, attention_head_dim=72, num_layers=28)
+    return dict(size, in_channels=C, out_channels=C, sample_size=res, patch_size=2, num_embeds_ada_norm=1000), \
+        ("small DiT (D=192, depth 4)" if small else "SiT-XL/2")
 
 
 def make_net(small, res, C):
-    """SiT-XL/2 (or a small SiT with --small) from sit.py; the local stand-in if sit.py is missing."""
-    kw, name = net_kwargs(small, res, C)
-    try:
-        from sit import SiT
-        return SiT(**kw), name + " from sit.py"
-    except ImportError:
-        return LocalDiT(**kw), name + " = LOCAL STAND-IN (sit.py not importable)"
+    cfg, name = net_config(small, res, C)
+    return sit.DiT(**cfg), name + " (sit.DiT)"
 
 
 def make_student_teacher(small, res, C, K, device):
-    """pi-ID pair: sit.GMSiT student and sit.Teacher (bf16 autocast on CUDA), or labelled local stand-ins."""
-    kw, name = net_kwargs(small, res, C)
-    dtype = torch.bfloat16 if device.type == "cuda" else None
-    try:
-        import sit
-        student = sit.GMSiT(num_gaussians=K, autocast_dtype=dtype, **kw)
-        teacher = sit.Teacher(sit.SiT(**kw), autocast_dtype=dtype)
-        label = f"student sit.GMSiT ({name}, K={K}), teacher sit.Teacher({name})"
-    except ImportError:
-        student = GMStudent(LocalDiT(**kw), K, C, dtype is not None)
-        net = LocalDiT(**kw)
-
-        def teacher(x_t, sigma, cond):
-            with torch.autocast(device.type, torch.bfloat16, enabled=dtype is not None):
-                return net(x_t, sigma, cond).float()
-        teacher.net = net
-        label = f"LOCAL STAND-INS (sit.py not importable): {name} + 1x1-conv GM head (K={K}); teacher {name}"
-    teacher.net.to(device).eval().requires_grad_(False)
-    return student.to(device).train(), teacher, label
+    """pi-ID pair: a sit.GMDiT student initialised from a sit.DiT teacher (section 2 runs them under bf16 autocast
+    on CUDA, as trainer.py does)."""
+    cfg, name = net_config(small, res, C)
+    net = sit.DiT(**cfg).to(device).eval().requires_grad_(False)
+    student = sit.student_from_teacher(net, "gm", K, 0, piflow.PiIDConfig(nfe=1))
+    return student.to(device).train(), sit.as_teacher(net), f"student sit.GMDiT ({name}, K={K}), teacher sit.DiT"
 
 
 #################################################################################
@@ -226,23 +152,23 @@ def policy_cost(args, device, timer):
                 "whole" if device.type == "cuda" and steps <= 32 else "step")
             if compile_kind != "off":
                 t0 = time.perf_counter()
-                first = safe(lambda: piflow_kernels.compiled_policy_rollout(
-                    policy, policy.x_src, 1.0, tau_to, 1.0, 128, mode=mode, whole=compile_kind == "whole"))
+                n, sigma = piflow.euler_grid(policy.x_src, 1.0, tau_to, 1.0, 128)
+                compiled = lambda: piflow_kernels.compiled_rollout(policy.velocity, policy.x_src, n, sigma, mode=mode,
+                                                                   whole=compile_kind == "whole")
+                first = safe(compiled)
                 compile_s = time.perf_counter() - t0
-                comp = first if isinstance(first, str) else safe(lambda: timer(
-                    lambda: piflow_kernels.compiled_policy_rollout(policy, policy.x_src, 1.0, tau_to, 1.0, 128,
-                                                                   mode=mode, whole=compile_kind == "whole")))
+                comp = first if isinstance(first, str) else safe(lambda: timer(compiled))
             fused = "n/a (needs CUDA)"
             if device.type == "cuda":
                 with torch.no_grad():
-                    fused = safe(lambda: timer(lambda: piflow_kernels.fused_policy_rollout(
-                        policy, policy.x_src, 1.0, tau_to, 1.0, 128)))
+                    fused = safe(lambda: timer(lambda: piflow.policy_rollout(
+                        policy, policy.x_src, 1.0, tau_to, 1.0, 128, backend="fused")))
             print(f"    {steps:3d} substeps: eager {fmt(eager, net_ms)} | compile-{compile_kind} {fmt(comp, net_ms)}"
                   + (f" [first call {compile_s:.1f} s]" if compile_s else "") + f" | fused {fmt(fused, net_ms)}")
         if device.type == "cuda":
             with torch.no_grad():
                 ref = piflow.policy_rollout(policy, policy.x_src, 1.0, 0.0, 1.0, 128, backend="torch")
-                out = safe(lambda: piflow_kernels.fused_policy_rollout(policy, policy.x_src, 1.0, 0.0, 1.0, 128))
+                out = safe(lambda: piflow.policy_rollout(policy, policy.x_src, 1.0, 0.0, 1.0, 128, backend="fused"))
             err = out if isinstance(out, str) else f"{(out - ref).abs().max().item():.2e}"
             print(f"    fused vs eager, 128 substeps: max abs diff {err} (data scale {ref.abs().max().item():.2f})")
 
@@ -278,8 +204,9 @@ def train_step_breakdown(args, device, timer):
             acc.clear()
             gen = torch.Generator(device).manual_seed(args.seed)
             t0 = clock()
-            loss = piflow.piid_data_dependent(timed("student", student), timed("teacher", teacher), x0, y, cfg,
-                                              generator=gen)
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                loss = piflow.piid_data_dependent(timed("student", student), timed("teacher", teacher), x0, y, cfg,
+                                                  generator=gen)
             t1 = clock()
             loss.backward()
             t2 = clock()
@@ -320,8 +247,8 @@ def posterior_throughput(args, device, timer, bw):
             rows.append((f"compile ({mode})", safe(lambda: timer(lambda: post(*args_)))))
         if device.type == "cuda":  # one substep of the fused rollout = one posterior + one Euler update
             tau = float(piflow.unwarp_time(0.5))
-            rows.append(("fused (1-substep rollout)", safe(lambda: timer(lambda: piflow_kernels.fused_policy_rollout(
-                policy, x_t, tau, 0.0, 1.0, 1)))))
+            rows.append(("fused (1-substep rollout)", safe(lambda: timer(lambda: piflow.policy_rollout(
+                policy, x_t, tau, 0.0, 1.0, 1, backend="fused")))))
     for name, ms in rows:
         if isinstance(ms, str):
             print(f"  {name:26s} {ms}")

@@ -57,6 +57,17 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
+def hyphenate(argv):
+    """Accept the old underscore spellings of every flag: --batch_size=8 -> --batch-size=8 (values untouched)."""
+    out = []
+    for a in argv:
+        if a.startswith("--") and len(a) > 2:
+            name, eq, value = a.partition("=")
+            a = name.replace("_", "-") + eq + value
+        out.append(a)
+    return out
+
+
 def add_flags(parser, cls, defaults=None, skip=(), aliases=None):
     """One flag per field of dataclass `cls` (hyphenated; `aliases` {field: [old spellings]}), typed from the
     annotation, default from `defaults` or the field, help from the field's comment. Booleans get --x/--no-x;

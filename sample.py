@@ -29,7 +29,7 @@ def parser_for(model):
     p.add_argument("--nfe", type=int, default=None, help="student steps, any value >= 1 (default: the student's "
                    "training NFE)")
     p.add_argument("--temperature", type=common.parse_temperature, default=None, help="GM temperature on all but "
-                   "the last step: none, auto (0.1 (NFE - 1)) or a value > 0 (default: %(default)s = none)")
+                   "the last step: none, auto (0.1 (NFE - 1)) or a value > 0 (default: %(default)s; None = off)")
     p.add_argument("--seed", type=int, default=0, help="noise seed: sample i is reproducible (default: %(default)s)")
     p.add_argument("--out", default=f"samples/{model}_nfe{{nfe}}.png", help="output PNG grid; {nfe} is filled in "
                    "(default: %(default)s)")
@@ -41,7 +41,7 @@ def parser_for(model):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = common.hyphenate(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--model", choices=sorted(MODELS), default="toy")
     model = pre.parse_known_args(argv)[0].model

@@ -1,626 +1,409 @@
-"""ImageNet-256 with a real teacher: SiT-XL/2 / REPA, GM and DX students, SD-VAE (issue 5; paper §5.1, App. C.1).
+"""ImageNet-256 attachment: SiT-XL/2 / REPA / FM-DiT teachers, GM and DX students, SD-VAE latents (§5.1, App. C.1).
 
-    SiT                    compact SiT/DiT with SiT's native parameter names (REPA / SiT `.pt` files load directly)
-    sit_to_dit, dit_to_sit key maps to and from the DiT-style layout of the published pi-Flow teacher
-                           (`teachers/repa_imagenet.pth`) and released students (`Lakonik/pi-Flow-ImageNet`)
-    load_network           any of those checkpoints -> (SiT | GMSiT | DXSiT, info)
-    Teacher, GMSiT, DXSiT  teacher(x_t, sigma, y) -> u ; student(x_t, sigma, y) -> piflow.GMPolicy / DXPolicy
-    build_imagenet         (teacher, student, data, ...) for train_imagenet.py ; add_train_args(parser)
-    encode_folder, LatentFolder, load_vae, decode   SD-VAE latents (scale 0.18215)
-    sample_cli             `python sample.py --model imagenet --ckpt gmrepa_k32_imagenet_piid_1step --nfe 1 ...`
+    DiT, GMDiT, DXDiT       diffusers' DiT with ONE shared time + class embedding (the published DiT-mod / GMDiT-V2
+                            layout): teacher -> u; students -> piflow.GMPolicy / DXPolicy (piflow's head helpers)
+    load_teacher, load_student, save_student    checkpoints with their config; Options, attach: trainer.py
+    add_sample_flags, sample_grid               sample.py --model imagenet (PNG grid, or an ADM npz under torchrun)
+    encode_folder, LatentFolder, load_vae       SD-VAE latents:  python sit.py encode --images DIR --out latents/
 
-Conventions (piflow): x_sigma = (1 - sigma) x0 + sigma eps, u = eps - x0, sigma = 1 is noise. REPA's SiT uses
-the same (t = sigma, v = u; t_scale 1); GMFlow's FM DiT takes t = 1000 sigma (t_scale 1000); the original SiT
-(willisma/SiT, learn-sigma) is reversed: t = 1 - sigma, v = -u, and its extra sigma channels are dropped.
-
-    python sit.py encode --images /data/imagenet/train --out latents/   # SD-VAE latent folder (see encode_folder)
-    python sit.py convert SiT-XL-2-256x256.pt repa_dit.safetensors      # native SiT/REPA -> published DiT layout
+The network time is t_scale * sigma: 1 for REPA and its students, 1000 for GMFlow's FM DiT (recipe §1); the original
+SiT (learn-sigma) runs backwards, t = 1 - sigma, v = -u. Checkpoints: a known id (KNOWN), `owner/repo:subfolder`,
+hf://owner/repo/path, a folder with config.json + safetensors (released students, our exports), a file beside its
+config.json, a run's ckpt.pt, or a native SiT/REPA .pt (weights_only=True; others need --trust-checkpoint).
 """
 import argparse
+import dataclasses
+import inspect
 import json
-import math
 import os
 import re
-import sys
-from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-import torch.utils.checkpoint
+from diffusers import DiTTransformer2DModel
+from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings
 
+import common
 import piflow
 
-NULL_CLASS = 1000
-VAE_ID = "stabilityai/sd-vae-ft-ema"
-HF_REPO = "Lakonik/pi-Flow-ImageNet"
-
-# Known checkpoints (recipe §9, integration §5.2). t_scale: network time = t_scale * sigma.
-# cfg: Table 8 teacher guidance {nfe: scale} (other NFE: the value for the largest listed NFE), interval on sigma.
-KNOWN = {
-    "repa": dict(repo=HF_REPO, file="teachers/repa_imagenet.pth", t_scale=1.0, cfg={1: 3.2, 2: 2.8},
-                 interval=(0.0, 0.7)),
-    "flowdit": dict(repo=HF_REPO, file="teachers/flowdit_imagenet.pth", t_scale=1000.0, cfg={1: 2.7},
-                    interval=(0.0, 0.6)),
-    "gmrepa_k32_imagenet_piid_1step": dict(repo=HF_REPO, t_scale=1.0, nfe=1,
-                                           file="gmrepa_k32_imagenet_piid_1step/diffusion_pytorch_model.safetensors"),
-    "gmrepa_k32_imagenet_piid_2step": dict(repo=HF_REPO, t_scale=1.0, nfe=2,
-                                           file="gmrepa_k32_imagenet_piid_2step/diffusion_pytorch_model.safetensors"),
-    "gmdit_k32_imagenet_piid_1step": dict(repo=HF_REPO, t_scale=1000.0, nfe=1,
-                                          file="gmdit_k32_imagenet_piid_1step/diffusion_pytorch_model.safetensors"),
-}
-
-
-def _fail(name, given, accepted, exc=ValueError):
-    raise exc(f"{name}: got {given!r}; accepted: {accepted}")
+VAE_ID, HUB, WEIGHTS = "stabilityai/sd-vae-ft-ema", "Lakonik/pi-Flow-ImageNet", "diffusion_pytorch_model.safetensors"
+# Released ids (recipe §9, integration §5.2 + addendum): hub path and the facts their files do not carry.
+KNOWN = {"repa": dict(path="teachers/repa_imagenet.pth", t_scale=1.0, heads=16),         # SiT-XL/2: 16 x 72
+         "flowdit": dict(path="teachers/flowdit_imagenet.pth", t_scale=1000.0, heads=16),
+         "gmrepa_k32_imagenet_piid_1step": dict(path="gmrepa_k32_imagenet_piid_1step", t_scale=1.0, nfe=1),
+         "gmrepa_k32_imagenet_piid_2step": dict(path="gmrepa_k32_imagenet_piid_2step", t_scale=1.0, nfe=2),
+         "gmdit_k32_imagenet_piid_1step": dict(path="gmdit_k32_imagenet_piid_1step", t_scale=1000.0, nfe=1)}
+DIT_KEYS = set(inspect.signature(DiTTransformer2DModel.__init__).parameters) - {"self"}
+GM_KEYS = {"num_gaussians", "logstd_inner_dim", "gm_num_logstd_layers", "constant_logstd"}
 
 
 #################################################################################
-#                         SiT / DiT (native SiT names)                          #
+#              The network: diffusers DiT, published DiT-mod layout             #
 #################################################################################
 
-def modulate(x, shift, scale):
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+class _Given(nn.Module):
+    """In place of a block's own time + class embedder: the block receives the shared embedding as `timestep`."""
+
+    def forward(self, emb, class_labels=None, hidden_dtype=None):
+        return emb
 
 
-def timestep_embedding(t, dim=256, max_period=10000):
-    """DiT/SiT sinusoidal embedding [cos(t w), sin(t w)], w_i = max_period^(-i/half) (diffusers shift 0)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+class DiT(DiTTransformer2DModel):
+    """SiT/DiT (Peebles & Xie 2023; Ma et al. 2024) in the published DiT-mod layout (integration §5.1): the stock
+    diffusers DiT whose blocks all read ONE embedding `emb` = time (sin-cos frequency shift 0 as DiT/SiT) + class
+    (row num_classes = null; never dropped: CFG passes it). forward(x, t = t_scale sigma, y) -> (B, out, H, W)."""
 
-
-def sincos_pos_embed(D, gh, gw, device=None):
-    """MAE/DiT fixed 2-D sin-cos position embedding (gh*gw, D); first half encodes the column, second the row."""
-    def emb_1d(pos, d):
-        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
-        out = pos.double().reshape(-1, 1) * omega[None]
-        return torch.cat([out.sin(), out.cos()], 1)
-    rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
-    return torch.cat([emb_1d(cols, D // 2), emb_1d(rows, D // 2)], 1).float().to(device)
-
-
-class TimestepEmbedder(nn.Module):
-    def __init__(self, D, freq_dim=256):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, D), nn.SiLU(), nn.Linear(D, D))
-        self.freq_dim = freq_dim
-
-    def forward(self, t):
-        return self.mlp(timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype))
-
-
-class LabelEmbedder(nn.Module):
-    """Class table; row num_classes is the null class when class_dropout_prob > 0 (labels are never dropped here:
-    pi-ID and sampling feed the null class explicitly for CFG)."""
-
-    def __init__(self, num_classes, D, class_dropout_prob):
-        super().__init__()
-        self.embedding_table = nn.Embedding(num_classes + int(class_dropout_prob > 0), D)
-
-    def forward(self, y):
-        return self.embedding_table(y)
-
-
-class Attention(nn.Module):
-    def __init__(self, D, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv, self.proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
-
-    def forward(self, x):
-        B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, L, d)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, D))
-
-
-class Mlp(nn.Module):
-    def __init__(self, D, hidden):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(D, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, D)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class SiTBlock(nn.Module):
-    """adaLN-Zero block: shift/scale/gate for attention then MLP (DiT Fig. 3)."""
-
-    def __init__(self, D, heads, mlp_ratio):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(D, heads)
-        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(D, int(D * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
-
-    def forward(self, x, c):
-        s1, g1, a1, s2, g2, a2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + a1.unsqueeze(1) * self.attn(modulate(self.norm1(x), s1, g1))
-        return x + a2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), s2, g2))
-
-
-class FinalLayer(nn.Module):
-    def __init__(self, D, out_dim):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(D, out_dim) if out_dim else None
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
-
-    def features(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return modulate(self.norm_final(x), shift, scale)
-
-
-class SiT(nn.Module):
-    """SiT/DiT-XL/2 backbone (Peebles & Xie 2023; Ma et al. 2024) with SiT/REPA parameter names.
-
-    forward(x (B, C, H, W), t (B,), y (B,)) -> (B, out_channels, H, W); t goes to the sinusoidal embedding as
-    given. pos_embed is recomputed (fixed sin-cos) for the input size, so it is not a parameter.
-    out_channels = in_channels * (2 if learn_sigma) unless given (DX students: N * C).
-    """
-
-    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, num_classes=1000, learn_sigma=False, class_dropout_prob=0.1, out_channels=None):
-        super().__init__()
-        if hidden_size % num_heads:
-            _fail("num_heads", num_heads, f"a divisor of hidden_size={hidden_size}")
-        self.input_size, self.p, self.in_channels, self.num_classes = input_size, patch_size, in_channels, num_classes
-        self.out_channels = out_channels or in_channels * (2 if learn_sigma else 1)
-        self.grad_checkpointing = False
-        D = hidden_size
-        self.x_embedder = nn.Module()
-        self.x_embedder.proj = nn.Conv2d(in_channels, D, patch_size, stride=patch_size)
-        self.t_embedder = TimestepEmbedder(D)
-        self.y_embedder = LabelEmbedder(num_classes, D, class_dropout_prob)
-        self.blocks = nn.ModuleList(SiTBlock(D, num_heads, mlp_ratio) for _ in range(depth))
-        self.final_layer = FinalLayer(D, patch_size ** 2 * self.out_channels if self.head_is_linear else 0)
-        self._pos = {}
-        self.initialize_weights()
-
-    head_is_linear = True
-
-    def initialize_weights(self):
-        """DiT init: xavier Linears, N(0, .02) tables/time MLP; adaLN and output zeroed (adaLN-Zero)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        for m in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
-            nn.init.normal_(m.weight, std=0.02)
-        for m in [b.adaLN_modulation[1] for b in self.blocks] + [self.final_layer.adaLN_modulation[1]]:
-            nn.init.zeros_(m.weight), nn.init.zeros_(m.bias)
-        if self.final_layer.linear is not None:
-            nn.init.zeros_(self.final_layer.linear.weight), nn.init.zeros_(self.final_layer.linear.bias)
-
-    def pos_embed(self, gh, gw, device):
-        key = (gh, gw, str(device))
-        if key not in self._pos:
-            self._pos[key] = sincos_pos_embed(self.t_embedder.mlp[0].out_features, gh, gw, device)
-        return self._pos[key]
+    def __init__(self, **config):
+        super().__init__(**config)
+        self.emb = CombinedTimestepLabelEmbeddings(self.config.num_embeds_ada_norm, self.inner_dim)
+        self.emb.time_proj.downscale_freq_shift = 0
+        self.emb.class_embedder.dropout_prob = 0.0
+        for blk in self.transformer_blocks:
+            blk.norm1.emb = _Given()
+        self.t_scale = 1.0
 
     def trunk(self, x, t, y):
-        """-> final modulated tokens (B, L, D), conditioning c (B, D)."""
-        B, _, H, W = x.shape
-        if H % self.p or W % self.p:
-            _fail("x.shape", tuple(x.shape), f"H and W divisible by patch_size={self.p}")
-        h = self.x_embedder.proj(x).flatten(2).transpose(1, 2)                 # (B, L, D)
-        h = h + self.pos_embed(H // self.p, W // self.p, x.device).to(h.dtype)
-        c = self.t_embedder(t) + self.y_embedder(y)                              # (B, D)
-        for blk in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(blk, h, c, use_reentrant=False)
+        """-> final adaLN-modulated tokens h (B, L, D) and the conditioning embedding c (B, D)."""
+        h, c = self.pos_embed(x), self.emb(t, y, hidden_dtype=x.dtype)
+        for blk in self.transformer_blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                h = self._gradient_checkpointing_func(blk, h, None, None, None, c)
             else:
-                h = blk(h, c)
-        return self.final_layer.features(h, c), c
+                h = blk(h, timestep=c)
+        shift, scale = self.proj_out_1(nn.functional.silu(c)).chunk(2, dim=1)
+        return self.norm_out(h) * (1 + scale[:, None]) + shift[:, None], c
 
-    def unpatchify(self, h, H, W, ch):
-        """(B, L, p*p*ch) -> (B, ch, H, W); per token the layout is (p1, p2, ch) (DiT)."""
-        B, p = h.shape[0], self.p
-        h = h.reshape(B, H // p, W // p, p, p, ch)
-        return torch.einsum("bhwpqc->bchpwq", h).reshape(B, ch, H, W)
+    def unpatchify(self, h, H, W):
+        """(B, L, p*p*ch) tokens laid out (p1, p2, ch) as in DiT -> (B, ch, H, W)."""
+        p = self.patch_size
+        h = h.reshape(h.shape[0], H // p, W // p, p, p, -1)
+        return torch.einsum("nhwpqc->nchpwq", h).reshape(h.shape[0], -1, H, W)
 
     def forward(self, x, t, y):
-        h, _ = self.trunk(x, t, y)
-        return self.unpatchify(self.final_layer.linear(h), x.shape[2], x.shape[3], self.out_channels)
+        return self.unpatchify(self.proj_out_2(self.trunk(x, t, y)[0]), *x.shape[2:])
 
 
-def SiT_XL_2(**kw):
-    return SiT(patch_size=2, hidden_size=1152, depth=28, num_heads=16, **kw)
+class GMDiT(DiT):
+    """GM student (GMDiTTransformer2DModelV2, recipe §6.1): per token means (p1, p2, K, C) and logits (p1, p2, K)
+    -> (B, K, C, H, W) / (B, K, 1, H, W); log s from the MLP on the detached embedding. forward -> GMPolicy."""
 
-
-#################################################################################
-#                   Teacher and students (pi-Flow conventions)                  #
-#################################################################################
-
-def _autocast(x, dtype):
-    return torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None and x.device.type == "cuda")
-
-
-class Teacher(nn.Module):
-    """teacher(x_t, sigma (B,), y) -> u (B, C, H, W) in pi-Flow convention.
-
-    convention 'u' (REPA, GMFlow DiT): u = net(x_t, t_scale sigma, y)[:, :C].
-    convention 'sit' (original SiT, t = 0 is noise): u = -net(x_t, 1 - sigma, y)[:, :C].
-    """
-
-    def __init__(self, net, t_scale=1.0, convention="u", autocast_dtype=None):
-        super().__init__()
-        if convention not in ("u", "sit"):
-            _fail("convention", convention, "'u' (REPA / pi-Flow) or 'sit' (original SiT)")
-        self.net, self.t_scale, self.convention, self.autocast_dtype = net, float(t_scale), convention, autocast_dtype
+    def __init__(self, num_gaussians=32, logstd_inner_dim=1024, gm_num_logstd_layers=2, constant_logstd=None,
+                 **config):
+        super().__init__(**config)
+        self.register_to_config(num_gaussians=num_gaussians, logstd_inner_dim=logstd_inner_dim,
+                                gm_num_logstd_layers=gm_num_logstd_layers, constant_logstd=constant_logstd)
+        del self.proj_out_2
+        piflow.add_gm_head(self, self.inner_dim, num_gaussians, self.out_channels, S=self.patch_size ** 2,
+                           logstd_inner_dim=logstd_inner_dim, logstd_layers=gm_num_logstd_layers,
+                           constant_logstd=constant_logstd)
 
     def forward(self, x_t, sigma, y):
+        (B, C, H, W), K = x_t.shape, self.config.num_gaussians
         sigma = piflow.as_batch(sigma, x_t)
-        t = (1 - sigma) if self.convention == "sit" else sigma * self.t_scale
-        with _autocast(x_t, self.autocast_dtype):
-            v = self.net(x_t.to(self.net.x_embedder.proj.weight.dtype), t, y)[:, :x_t.shape[1]].float()
-        return -v if self.convention == "sit" else v
+        h, c = self.trunk(x_t, sigma * self.t_scale, y)
+        means = self.unpatchify(self.proj_out_means(h), H, W).reshape(B, K, C, H, W)
+        logits = self.unpatchify(self.proj_out_logweights(h), H, W).reshape(B, K, 1, H, W)
+        return piflow.gm_policy(means, logits, piflow.gm_logstds(self, c), x_t, sigma)
 
 
-class GMSiT(SiT):
-    """GM student (GMDiT-V2 layout, recipe §6.1): SiT trunk + proj_out_means (p^2 K C), proj_out_logweights (p^2 K),
-    proj_out_logstds = SiLU, Linear(D, 1024), SiLU, Linear(1024, 1) on the detached conditioning embedding.
-
-    forward(x_t, sigma, y) -> piflow.GMPolicy; heads(x, t, y) -> (means (B,K,C,H,W), logweights (B,K,1,H,W)
-    log-softmaxed over K, logstds (B,1,1,1,1)). Means layout per token: (p1, p2, k, c).
-    """
-    head_is_linear = False
-
-    def __init__(self, num_gaussians=32, logstd_inner_dim=1024, t_scale=1.0, autocast_dtype=None, **kw):
-        self.K = num_gaussians
-        super().__init__(**kw)
-        D, p2, C = self.t_embedder.mlp[0].out_features, self.p ** 2, self.out_channels
-        self.proj_out_means = nn.Linear(D, p2 * self.K * C)
-        self.proj_out_logweights = nn.Linear(D, p2 * self.K)
-        self.proj_out_logstds = nn.Sequential(nn.SiLU(), nn.Linear(D, logstd_inner_dim), nn.SiLU(),
-                                              nn.Linear(logstd_inner_dim, 1))
-        self.t_scale, self.autocast_dtype = float(t_scale), autocast_dtype
-        for m in (self.proj_out_means, self.proj_out_logweights, self.proj_out_logstds[3]):
-            nn.init.zeros_(m.weight), nn.init.zeros_(m.bias)
-        with torch.no_grad():
-            self.proj_out_means.bias.copy_((torch.randn(self.K * C) * 0.1).repeat(p2))  # no-teacher init (§6.1)
-
-    def heads(self, x, t, y):
-        B, _, H, W = x.shape
-        h, c = self.trunk(x, t, y)
-        means = self.unpatchify(self.proj_out_means(h), H, W, self.K * self.out_channels)
-        logweights = self.unpatchify(self.proj_out_logweights(h), H, W, self.K)
-        logstds = self.proj_out_logstds(c.detach())
-        return (means.reshape(B, self.K, self.out_channels, H, W),
-                logweights.reshape(B, self.K, 1, H, W).float().log_softmax(1), logstds.reshape(B, 1, 1, 1, 1))
+class DXDiT(DiT):
+    """DX student (§3.1, recipe §6.4): the teacher class with out_channels = N C, per token (p1, p2, N, C); grid
+    index 0 is the low-noise end. segment_size and shift are the training schedule's (with_schedule)."""
 
     def forward(self, x_t, sigma, y):
-        sigma = piflow.as_batch(sigma, x_t)
-        with _autocast(x_t, self.autocast_dtype):
-            means, logweights, logstds = self.heads(x_t, sigma * self.t_scale, y)
-        return piflow.GMPolicy(means.float(), logweights.float(), logstds.float(), x_t, sigma)
-
-
-class DXSiT(SiT):
-    """DX student (§3.1, recipe §6.4): SiT with N*C outputs (per token (p1, p2, n, c)), grid index 0 = low noise.
-
-    forward(x_t, sigma, y) -> piflow.DXPolicy(segment_size = 1/NFE of the training schedule, shift).
-    """
-
-    def __init__(self, num_grid=10, segment_size=1.0, shift=1.0, t_scale=1.0, autocast_dtype=None, in_channels=4,
-                 **kw):
-        kw.pop("learn_sigma", None), kw.pop("out_channels", None)
-        super().__init__(in_channels=in_channels, out_channels=num_grid * in_channels, **kw)
-        self.N, self.segment_size, self.shift = num_grid, float(segment_size), float(shift)
-        self.t_scale, self.autocast_dtype = float(t_scale), autocast_dtype
-
-    def forward(self, x_t, sigma, y):
-        sigma = piflow.as_batch(sigma, x_t)
         B, C, H, W = x_t.shape
-        with _autocast(x_t, self.autocast_dtype):
-            grid_u = super().forward(x_t, sigma * self.t_scale, y).float().reshape(B, self.N, C, H, W)
+        sigma = piflow.as_batch(sigma, x_t)
+        grid_u = super().forward(x_t, sigma * self.t_scale, y).reshape(B, -1, C, H, W)
         return piflow.DXPolicy(grid_u, x_t, sigma, self.segment_size, self.shift)
 
 
-@torch.no_grad()
-def init_student_from_teacher(student, teacher_net, bias_noise=0.05, generator=None):
-    """Copy the teacher trunk; expand its output layer into the student head (recipe §6.1).
+def as_teacher(net, convention="u"):
+    """net -> teacher(x_t, sigma, y) = u. 'u' (REPA, FM DiT): u = net(x_t, t_scale sigma, y); 'sit' (original SiT,
+    t = 0 is noise, v = x0 - eps): u = -net(x_t, 1 - sigma, y)."""
+    def teacher(x_t, sigma, y):
+        sigma, x = piflow.as_batch(sigma, x_t), x_t.to(net.proj_out_2.weight.dtype)
+        return (-net(x, 1 - sigma, y) if convention == "sit" else net(x, sigma * net.t_scale, y)).float()
+    return teacher
 
-    GM: means weight = teacher head replicated K times; bias replicated + N(0, bias_noise^2) per (k, c), shared over
-    the p^2 sub-positions; logweights head zero; logstd last layer weight 0, bias log 0.05. DX: head tiled N times.
-    """
-    sd = {k: v for k, v in teacher_net.state_dict().items() if not k.startswith("final_layer.linear")}
-    missing, unexpected = student.load_state_dict(sd, strict=False)
-    if unexpected:
-        raise ValueError(f"teacher -> student: unexpected keys {unexpected[:5]}")
-    C, p2 = student.in_channels, student.p ** 2
-    Wt_D = teacher_net.final_layer.linear.in_features
-    Wt = teacher_net.final_layer.linear.weight.reshape(p2, -1, Wt_D)
-    bt = teacher_net.final_layer.linear.bias.reshape(p2, -1)
-    Wt, bt = Wt[:, :C], bt[:, :C]                                                 # learn-sigma: first C channels
-    if isinstance(student, GMSiT):
-        K = student.K
-        student.proj_out_means.weight.copy_(Wt[:, None].expand(p2, K, C, Wt_D).reshape(-1, Wt_D))
-        noise = torch.randn(K, C, generator=generator) * bias_noise
-        student.proj_out_means.bias.copy_((bt[:, None] + noise.to(bt)).reshape(-1))
-        nn.init.zeros_(student.proj_out_logweights.weight), nn.init.zeros_(student.proj_out_logweights.bias)
-        nn.init.zeros_(student.proj_out_logstds[3].weight)
-        student.proj_out_logstds[3].bias.fill_(math.log(0.05))
-    elif isinstance(student, DXSiT):
-        N = student.N
-        student.final_layer.linear.weight.copy_(Wt[:, None].expand(p2, N, C, Wt_D).reshape(-1, Wt_D))
-        student.final_layer.linear.bias.copy_(bt[:, None].expand(p2, N, C).reshape(-1))
+
+@torch.no_grad()
+def student_from_teacher(teacher, policy, K, N, cfg, generator=None):
+    """The teacher's trunk with its output layer widened into the policy head (App. C.1): GM means = the teacher's
+    u + bias noise 0.05 (piflow.init_gm_head); DX grid = N copies of the teacher head, no noise."""
+    config, C = {k: v for k, v in teacher.config.items() if k in DIT_KEYS}, teacher.out_channels
+    W, b = teacher.proj_out_2.weight.float(), teacher.proj_out_2.bias.float()
+    if policy == "gm":
+        student = GMDiT(num_gaussians=K, **config)
+        piflow.init_gm_head(student, W, b, K, C, channel_last=True, generator=generator)
     else:
-        _fail("student", type(student).__name__, "GMSiT or DXSiT")
+        student = DXDiT(**dict(config, out_channels=N * C))
+        W, b = piflow.widen_from_teacher(W, b, N, C, channel_last=True)
+        student.proj_out_2.weight.copy_(W), student.proj_out_2.bias.copy_(b)
+    student.load_state_dict({k: v for k, v in teacher.state_dict().items() if "proj_out_2" not in k}, strict=False)
+    return with_schedule(student, teacher.t_scale, cfg)
+
+
+def with_schedule(student, t_scale, cfg):
+    """Attach the time scale and the training schedule; the DX grid spans one training step, 1 / (NFE - 1 + s)."""
+    student.t_scale, student.piid_config = float(t_scale), cfg
+    student.segment_size, student.shift = 1.0 / (cfg.nfe - 1 + cfg.final_step_scale), cfg.shift
     return student
 
 
 #################################################################################
-#            Key maps: native SiT/REPA  <->  DiT-style (pi-Flow release)        #
+#                                   Loading                                     #
 #################################################################################
 
-_BLOCK_MAP = [("adaLN_modulation.1", "norm1.linear"), ("attn.proj", "attn1.to_out.0"),
-              ("mlp.fc1", "ff.net.0.proj"), ("mlp.fc2", "ff.net.2")]
-_TOP_MAP = [("x_embedder.proj", "pos_embed.proj"), ("t_embedder.mlp.0", "emb.timestep_embedder.linear_1"),
-            ("t_embedder.mlp.2", "emb.timestep_embedder.linear_2"),
-            ("y_embedder.embedding_table", "emb.class_embedder.embedding_table"),
-            ("final_layer.adaLN_modulation.1", "proj_out_1"), ("final_layer.linear", "proj_out_2")]
-_HEADS = ("proj_out_means.", "proj_out_logweights.", "proj_out_logstds.")
+def hub_file(repo, filename, what, spec):
+    """hf_hub_download, the cache first. HF_HUB_OFFLINE, an unreachable hub or a missing file: one UserError at
+    once (the host is resolved before any download, so huggingface_hub's retry loop never starts)."""
+    import socket
+    import urllib.parse
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+    where, host = f"{what}={spec!r} (not a local path; hub {repo}/{filename})", urllib.parse.urlparse(
+        constants.ENDPOINT).hostname
+    try:
+        try:
+            return huggingface_hub.hf_hub_download(repo, filename, local_files_only=True)
+        except errors.LocalEntryNotFoundError:
+            if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", ""):
+                raise common.UserError(f"{where} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
+                                       "download it online first, or pass a local path") from None
+        try:
+            socket.getaddrinfo(host, 443)
+        except OSError:
+            raise common.UserError(f"{where} is not cached and {host} cannot be reached (offline?); connect, set "
+                                   "HF_ENDPOINT, or pass a local path") from None
+        return huggingface_hub.hf_hub_download(repo, filename)
+    except (errors.HfHubHTTPError, OSError, ValueError) as e:                # missing file / repo, bad id, ...
+        raise common.UserError(f"{where}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
-def sit_to_dit(sd):
-    """Native SiT keys -> DiT-style keys (GMDiT-V2 / DiTTransformer2DModelMod, shared `emb`). qkv is split."""
+def resolve(spec, what):
+    """A checkpoint spec -> a local file or folder (hub folders: config.json + the safetensors, fetched)."""
+    if os.path.exists(spec):
+        return spec
+    m = re.fullmatch(r"(?:hf|huggingface)://([\w.-]+/[\w.-]+)/(.+)", spec) or \
+        re.fullmatch(r"([\w.-]+/[\w.-]+)(?::(.+))?", spec)
+    if spec in KNOWN:
+        repo, path = HUB, KNOWN[spec]["path"]
+    elif m and not spec.startswith((".", "/")):
+        repo, path = m.group(1), (m.group(2) or "").strip("/")
+    else:
+        raise common.UserError(f"{what}={spec!r}: no such file or folder; expected a local path, a known id "
+                               f"({', '.join(KNOWN)}), owner/repo:subfolder or hf://owner/repo/path")
+    if path.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        return hub_file(repo, path, what, spec)
+    prefix = path + "/" if path else ""
+    hub_file(repo, prefix + WEIGHTS, what, spec)
+    return os.path.dirname(hub_file(repo, prefix + "config.json", what, spec))
+
+
+def read_weights(path, what, trust=False):
+    """Tensors of a .safetensors file, or a .pt/.pth with weights_only=True (argparse.Namespace allowed: REPA
+    stores its args); trust=True (--trust-checkpoint) unpickles fully."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        try:
+            return load_file(path)
+        except Exception as e:  # noqa: BLE001 - every failure here is the user's file
+            raise common.UserError(f"{what}={path!r} is not a readable safetensors file ({type(e).__name__})") \
+                from None
+    if trust:
+        print(f"{what}: unpickling {path} (trusted: --trust-checkpoint)")
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return common.load_tensors(path, what)
+    except common.UserError as e:
+        hint = "; pass --trust-checkpoint only if you trust its source" if "unpickling" in str(e) else ""
+        raise common.UserError(f"{e}{hint}") from None
+
+
+# native SiT / REPA module names (integration §5.3) -> DiT-mod names (integration §5.4)
+_NATIVE = {"x_embedder.proj": "pos_embed.proj", "t_embedder.mlp.0": "emb.timestep_embedder.linear_1",
+           "t_embedder.mlp.2": "emb.timestep_embedder.linear_2", "final_layer.linear": "proj_out_2",
+           "y_embedder.embedding_table": "emb.class_embedder.embedding_table",
+           "final_layer.adaLN_modulation.1": "proj_out_1", "adaLN_modulation.1": "norm1.linear",
+           "attn.proj": "attn1.to_out.0", "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2"}
+
+
+def to_dit_layout(sd):
+    """Native SiT/REPA keys -> DiT-mod keys (DiT-layout keys pass unchanged). The fused qkv splits along dim 0 into
+    to_q / to_k / to_v; pos_embed (a fixed sin-cos table) and REPA's projectors go."""
     out = {}
     for k, v in sd.items():
-        m = re.match(r"blocks\.(\d+)\.(.+)\.(weight|bias)$", k)
-        if m:
-            i, name, wb = m.groups()
-            pre = f"transformer_blocks.{i}."
-            if name == "attn.qkv":
-                for part, t in zip("qkv", v.chunk(3, dim=0)):
-                    out[f"{pre}attn1.to_{part}.{wb}"] = t.clone()
-                continue
-            new = dict(_BLOCK_MAP).get(name)
-        elif k.startswith(_HEADS):
-            out[k] = v
+        base, _, wb = k.rpartition(".")
+        blk = re.fullmatch(r"blocks\.(\d+)\.(.+)", base)
+        if k == "pos_embed" or k.startswith("projectors."):
             continue
+        if blk and blk.group(2) == "attn.qkv":
+            for name, part in zip("qkv", v.chunk(3)):
+                out[f"transformer_blocks.{blk.group(1)}.attn1.to_{name}.{wb}"] = part
+        elif blk:
+            out[f"transformer_blocks.{blk.group(1)}.{_NATIVE.get(blk.group(2), blk.group(2))}.{wb}"] = v
         else:
-            base, _, wb = k.rpartition(".")
-            new = dict(_TOP_MAP).get(base)
-            pre = ""
-        if new is None:
-            raise KeyError(f"sit_to_dit: no DiT name for key {k!r}")
-        out[f"{pre}{new}.{wb}"] = v
+            out[f"{_NATIVE.get(base, base)}.{wb}"] = v
     return out
 
 
-def dit_to_sit(sd):
-    """DiT-style keys -> native SiT keys. Accepts the shared `emb.*` layout and stock diffusers DiT
-    (per-block `transformer_blocks.i.norm1.emb.*`, block 0's copy is used); drops the pos_embed buffer."""
-    sd = dict(sd)
-    if not any(k.startswith("emb.") for k in sd):
-        for k in list(sd):
-            m = re.match(r"transformer_blocks\.0\.norm1\.emb\.(.+)$", k)
-            if m:
-                sd["emb." + m.group(1)] = sd[k]
-    sd = {k: v for k, v in sd.items() if not re.match(r"transformer_blocks\.\d+\.norm1\.emb\.", k)
-          and k != "pos_embed.pos_embed"}
-    inv_top, inv_blk, out = {b: a for a, b in _TOP_MAP}, {b: a for a, b in _BLOCK_MAP}, {}
-    qkv = {}
-    for k, v in sd.items():
-        m = re.match(r"transformer_blocks\.(\d+)\.(.+)\.(weight|bias)$", k)
-        if m:
-            i, name, wb = m.groups()
-            q = re.match(r"attn1\.to_([qkv])$", name)
-            if q:
-                qkv.setdefault((i, wb), {})[q.group(1)] = v
-                continue
-            new = inv_blk.get(name)
-            key = f"blocks.{i}.{new}.{wb}"
-        elif k.startswith(_HEADS):
-            out[k] = v
-            continue
-        else:
-            base, _, wb = k.rpartition(".")
-            new = inv_top.get(base)
-            key = f"{new}.{wb}"
-        if new is None:
-            raise KeyError(f"dit_to_sit: no SiT name for key {k!r}")
-        out[key] = v
-    for (i, wb), d in qkv.items():
-        if set(d) != set("qkv"):
-            raise KeyError(f"dit_to_sit: block {i} {wb}: found to_{sorted(d)}, need to_q, to_k and to_v")
-        out[f"blocks.{i}.attn.qkv.{wb}"] = torch.cat([d["q"], d["k"], d["v"]])
-    return out
+def infer_config(sd, heads, what, **given):
+    """DiT config from DiT-layout shapes, for files without config.json. The head count is not in the shapes:
+    `heads`, else hidden / 72 (SiT's head dim: a guess, and said so)."""
+    D, C, p = sd["pos_embed.proj.weight"].shape[:3]
+    if not heads and D % 72 == 0:
+        heads = D // 72
+        print(f"{what}: no config.json: guessing {heads} attention heads of 72 channels (SiT); --num-heads sets it")
+    if not heads or D % heads or sd["transformer_blocks.0.ff.net.0.proj.weight"].shape[0] != 4 * D:
+        raise common.UserError(f"{what}: no config.json, and hidden size {D} with --num-heads={heads} and an MLP "
+                               "ratio 4 is not a SiT/DiT; pass --num-heads (a divisor of the hidden size)")
+    out = sd["proj_out_2.weight"].shape[0] // p ** 2 if "proj_out_2.weight" in sd else C
+    return dict(num_attention_heads=heads, attention_head_dim=D // heads, in_channels=C, out_channels=out,
+                num_layers=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")),
+                patch_size=p, num_embeds_ada_norm=sd["emb.class_embedder.embedding_table.weight"].shape[0] - 1,
+                **given)
 
 
-#################################################################################
-#                                 Loading                                       #
-#################################################################################
+def read(spec, what, trust=False, heads=0):
+    """Any accepted checkpoint -> (config or None, DiT-layout state dict, facts). facts: known (a KNOWN id named by
+    the spec or the file / folder), run (a training ckpt.pt's settings), native (SiT keys), pos_embed (native)."""
+    path = resolve(spec, what)
+    weights, name = os.path.join(path, WEIGHTS) if os.path.isdir(path) else path, os.path.basename(
+        os.path.normpath(path))
+    known = spec if spec in KNOWN else next((k for k, v in KNOWN.items() if os.path.basename(v["path"]) == name),
+                                            None)
+    cfg_path, config = os.path.join(os.path.dirname(weights), "config.json"), None
+    if not os.path.isfile(weights):
+        raise common.UserError(f"{what}={spec!r}: folder without {WEIGHTS}")
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            config = json.load(f)
+    obj, facts = read_weights(weights, what, trust), dict(known=known, run=None)
+    if isinstance(obj, dict) and isinstance(obj.get("settings"), dict) and isinstance(obj.get("ema"), dict):
+        facts["run"], obj = obj["settings"], obj["ema"]                  # our ckpt.pt: the EMA student
+    obj = next((obj[k] for k in ("ema", "model", "state_dict") if isinstance(obj, dict) and  # REPA / SiT train
+                isinstance(obj.get(k), dict)), obj)
+    if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
+        raise common.UserError(f"{what}={spec!r} holds no state dict of tensors")
+    sd = {re.sub(r"^(module\.|_orig_mod\.)", "", k): v for k, v in obj.items()}
+    facts.update(native="x_embedder.proj.weight" in sd, pos_embed=sd.get("pos_embed"))
+    sd = to_dit_layout(sd)
+    if "pos_embed.proj.weight" not in sd:
+        raise common.UserError(f"{what}={spec!r} is neither a SiT/REPA nor a DiT-layout checkpoint (first keys: "
+                               f"{', '.join(list(sd)[:3])})")
+    if config is None and facts["run"] is None:     # a bare file: shapes + known facts; native SiT eps 1e-6
+        pe = facts["pos_embed"]                       # else the published DiT-mod's 1e-5 (integration addendum)
+        size = int(round(pe.shape[1] ** 0.5)) * sd["pos_embed.proj.weight"].shape[2] if pe is not None else 32
+        config = infer_config(sd, heads or KNOWN.get(known, {}).get("heads", 0), what, sample_size=size,
+                              norm_eps=1e-6 if facts["native"] else 1e-5)
+    return config, sd, facts
 
-def resolve_checkpoint(spec, name="--ckpt"):
-    """Checkpoint spec -> local file. Accepted: an existing local path; a known id (KNOWN); hf://owner/repo/path.
 
-    Hub files go through huggingface_hub.hf_hub_download (honours HF_HUB_OFFLINE and the local cache).
-    """
-    accepted = (f"an existing file, a known id ({', '.join(KNOWN)}), or hf://owner/repo/path/in/repo "
-                "(also huggingface://...)")
-    if not isinstance(spec, str) or not spec:
-        _fail(name, spec, accepted)
-    if os.path.isfile(spec):
-        return spec
-    if spec in KNOWN:
-        repo, fname = KNOWN[spec]["repo"], KNOWN[spec]["file"]
-    elif re.match(r"(hf|huggingface)://[^/]+/[^/]+/.+", spec):
-        parts = spec.split("://", 1)[1].split("/")
-        repo, fname = "/".join(parts[:2]), "/".join(parts[2:])
-    elif os.sep in spec or spec.endswith((".pt", ".pth", ".safetensors", ".bin")):
-        _fail(name, spec, "an existing file (no such file)", FileNotFoundError)
-    else:
-        _fail(name, spec, accepted)
-    from huggingface_hub import hf_hub_download
-    return hf_hub_download(repo_id=repo, filename=fname)
-
-
-def read_checkpoint(path, trust=False):
-    """-> (state dict of tensors, metadata dict). safetensors via safetensors; .pt/.pth via torch.load with
-    weights_only=True, retried with argparse.Namespace allow-listed (REPA's {'model','ema','opt','args'} dicts).
-    trust=True falls back to weights_only=False (arbitrary code execution: only for files you trust)."""
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        with safe_open(path, framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-        return sd, {k: json.loads(v) if k == "piflow" else v for k, v in meta.items()}
+def build(config, sd, what):
+    """The module a config describes (GMDiT with num_gaussians, DXDiT for our DX exports, else DiT), its weights
+    loaded strictly (every tensor present, none left over)."""
+    cls = GMDiT if "num_gaussians" in config else DXDiT if config.get("piflow", {}).get("policy") == "dx" else DiT
+    if ignored := sorted(k for k in config if k not in DIT_KEYS | GM_KEYS | {"piflow"} and not k.startswith("_")):
+        print(f"{what}: config.json keys not used: {', '.join(ignored)}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e1:
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e2:
-            if not trust:
-                raise ValueError(f"checkpoint {path!r} cannot be read with weights_only=True ({e2}); if you trust "
-                                 "the file, pass --trust-checkpoint (torch.load weights_only=False)") from e1
-            print(f"warning: loading {path} with weights_only=False (trusted by --trust-checkpoint)")
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-    meta = {}
-    if isinstance(obj, dict) and isinstance(obj.get("piflow"), dict):
-        meta["piflow"] = obj["piflow"]
-    if isinstance(obj, dict) and isinstance(obj.get("args"), dict):       # train_imagenet.py ckpt / export
-        a = obj["args"]
-        nfe = a.get("nfe") or 1
-        meta["piflow"] = dict(policy=a.get("policy"), nfe=nfe, shift=a.get("shift", 1.0), segment_size=1.0 / nfe,
-                              t_scale=a.get("t_scale") or KNOWN.get(a.get("teacher_ckpt"), {}).get("t_scale", 1.0),
-                              num_heads=a.get("num_heads"))
-    for key in ("ema", "student_ema", "model", "student", "state_dict"):   # prefer EMA weights
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict) and obj[key] and \
-                all(isinstance(v, torch.Tensor) for v in obj[key].values()):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        _fail("checkpoint", path, "a state dict, or a dict with 'ema' / 'model' / 'student' / 'state_dict'")
-    sd = {}
-    for k, v in obj.items():
-        for pre in ("module.", "_orig_mod.", "diffusion_ema.denoising.", "denoising.", "net."):
-            k = k[len(pre):] if k.startswith(pre) else k
-        sd[k] = v
-    return sd, meta
+        net = cls(**{k: v for k, v in config.items() if k in DIT_KEYS | (GM_KEYS if cls is GMDiT else set())})
+        net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise common.UserError(f"{what}: the weights do not fit the config: {str(e).splitlines()[0][:300]}") from None
+    common.check_finite(dict(net.named_parameters()), what)
+    return net
 
 
-def infer_arch(sd, num_heads=None):
-    """Native state dict -> SiT constructor kwargs (+ 'kind': sit | gm | dx-or-sit, K / out channels)."""
-    w = sd["x_embedder.proj.weight"]                                             # (D, C, p, p)
-    D, C, p = w.shape[0], w.shape[1], w.shape[2]
-    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
-    rows = sd["y_embedder.embedding_table.weight"].shape[0]
-    if num_heads is None:
-        if D % 72:
-            _fail("num_heads", None, f"a value (hidden size {D} is not a multiple of the SiT head dim 72)")
-        num_heads = D // 72
-    kw = dict(patch_size=p, in_channels=C, hidden_size=D, depth=depth, num_heads=num_heads,
-              mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D, num_classes=rows - 1, class_dropout_prob=0.1)
-    if "pos_embed" in sd:
-        kw["input_size"] = int(round(math.sqrt(sd["pos_embed"].shape[1]))) * p
-    if "proj_out_means.weight" in sd:
-        kw["num_gaussians"] = sd["proj_out_logweights.weight"].shape[0] // p ** 2
-        kw["logstd_inner_dim"] = sd["proj_out_logstds.1.weight"].shape[0]
+def load_teacher(opts, what="--teacher-ckpt"):
+    """-> (teacher DiT, convention). Learn-sigma outputs keep their first C channels per sub-position."""
+    config, sd, facts = read(opts.teacher_ckpt, what, opts.trust_checkpoint, opts.num_heads)
+    C, p2 = config["in_channels"], config["patch_size"] ** 2
+    out = sd["proj_out_2.weight"].shape[0] // p2 if "proj_out_2.weight" in sd else 0
+    if out == 2 * C:
+        sd["proj_out_2.weight"] = sd["proj_out_2.weight"].reshape(p2, 2 * C, -1)[:, :C].reshape(p2 * C, -1)
+        sd["proj_out_2.bias"] = sd["proj_out_2.bias"].reshape(p2, 2 * C)[:, :C].reshape(-1)
+    elif out != C:
+        raise common.UserError(f"{what}={opts.teacher_ckpt!r} is not a teacher (one output layer of {C} or {2 * C} "
+                               "channels per sub-position)")
+    net = build({k: v for k, v in dict(config, out_channels=C).items() if k not in GM_KEYS}, sd, what)
+    if facts["pos_embed"] is not None and (facts["pos_embed"].reshape(net.pos_embed.pos_embed.shape).float()
+                                           - net.pos_embed.pos_embed).abs().max() > 1e-4:
+        raise common.UserError(f"{what}: its pos_embed is not the fixed 2-D sin-cos table of SiT/DiT")
+    net.t_scale = opts.t_scale or config.get("piflow", {}).get("t_scale") or KNOWN.get(facts["known"], {}).get(
+        "t_scale", 1.0)
+    conv = opts.teacher_convention if opts.teacher_convention != "auto" else \
+        "sit" if facts["native"] and out == 2 * C else "u"
+    print(f"teacher {opts.teacher_ckpt}: {net.config.num_layers} layers, {net.config.num_attention_heads} heads, "
+          f"t = {'1 - sigma (SiT)' if conv == 'sit' else f'{net.t_scale:g} * sigma'}")
+    return net.eval().requires_grad_(False), conv
+
+
+def load_student(spec, what="--ckpt", trust=False, t_scale=0.0):
+    """A GM / DX student with its weights, t_scale, training schedule (.piid_config; released students:
+    PiIDConfig(nfe=released NFE, shift 1, final step 1)) and .vae, from a released or exported folder or a run's
+    ckpt.pt (EMA weights; the architecture from the run's teacher config and head settings)."""
+    config, sd, facts = read(spec, what, trust)
+    meta, run, known = (config or {}).get("piflow", {}), facts["run"], KNOWN.get(facts["known"], {})
+    if run is not None:                                                   # ckpt.pt: rebuild from the run
+        opts = Options(**{k: v for k, v in run.items() if k in Options.__dataclass_fields__})
+        if opts.teacher_ckpt in KNOWN:                                    # no download: its facts + our shapes
+            config = infer_config(sd, opts.num_heads or KNOWN[opts.teacher_ckpt]["heads"], what, sample_size=32,
+                                  norm_eps=1e-5)
+            ts = KNOWN[opts.teacher_ckpt]["t_scale"]
+        else:
+            teacher = load_teacher(opts)[0]
+            config, ts = dict(teacher.config), teacher.t_scale
+        config = {k: v for k, v in config.items() if k in DIT_KEYS}
+        config.update(dict(num_gaussians=opts.K) if opts.policy == "gm" else
+                      dict(out_channels=opts.N * config["in_channels"], piflow=dict(policy="dx")))
+        meta = dict(policy=opts.policy, piid_config=run, vae=opts.vae, t_scale=opts.t_scale or ts)
+    if "num_gaussians" not in config and meta.get("policy") != "dx":
+        raise common.UserError(f"{what}={spec!r} is not a pi-Flow student (no GM heads, not a DX export)")
+    net, fields = build(config, sd, what), piflow.PiIDConfig.__dataclass_fields__
+    if meta.get("piid_config"):
+        cfg = piflow.PiIDConfig(**{k: v for k, v in meta["piid_config"].items() if k in fields})
     else:
-        kw["out_channels"] = sd["final_layer.linear.weight"].shape[0] // p ** 2
-    return kw
+        if "nfe" not in known:
+            print(f"{what}: no training schedule stored; assuming 1 NFE, shift 1, final step 1")
+        cfg = piflow.PiIDConfig(nfe=known.get("nfe", 1), shift=1.0, final_step_scale=1.0)
+    ts = t_scale or meta.get("t_scale") or known.get("t_scale")
+    if not ts:
+        print(f"{what}: no time scale stored; assuming t = sigma (REPA); --t-scale 1000 for FM-DiT students")
+    net.vae = meta.get("vae")
+    return with_schedule(net, ts or 1.0, cfg).eval()
 
 
-def to_native(sd):
-    """Any supported layout -> native SiT keys; checks and drops pos_embed, drops REPA projectors.*."""
-    if "pos_embed.proj.weight" in sd:
-        sd = dit_to_sit(sd)
-    elif "x_embedder.proj.weight" not in sd:
-        raise ValueError(f"unknown checkpoint layout (first keys {list(sd)[:4]}); accepted: native SiT/REPA "
-                         "(x_embedder.*, blocks.N.*) or DiT-style (pos_embed.proj.*, transformer_blocks.N.*)")
-    sd = {k: v.float() for k, v in sd.items() if not k.startswith("projectors.")}
-    if "pos_embed" in sd:
-        pe, D = sd["pos_embed"], sd["x_embedder.proj.weight"].shape[0]
-        g = int(round(math.sqrt(pe.shape[1])))
-        err = (pe.reshape(-1, D) - sincos_pos_embed(D, g, g)).abs().max().item()
-        if err > 1e-4:
-            raise ValueError(f"pos_embed of the checkpoint differs from the fixed sin-cos embedding by {err:.2e}")
-    return sd
-
-
-def load_network(spec, num_heads=None, trust=False, name="--ckpt"):
-    """Checkpoint (see resolve_checkpoint) -> (net, info). net: SiT (teacher; learn-sigma channels dropped),
-    GMSiT or DXSiT (students, from metadata written by save_student); info: dict(t_scale, convention, kind, ...)."""
-    path = resolve_checkpoint(spec, name)
-    sd, meta = read_checkpoint(path, trust)
-    pf = dict(meta.get("piflow") or {})
-    sd = to_native(sd)
-    kw = infer_arch(sd, num_heads or pf.get("num_heads"))
-    input_size = kw.pop("input_size", None)
-    info = dict(path=path, t_scale=KNOWN.get(spec, {}).get("t_scale", 1.0), convention="u",
-                nfe=KNOWN.get(spec, {}).get("nfe"), input_size=input_size or pf.get("input_size", 32))
-    info.update({k: pf[k] for k in ("t_scale", "nfe", "segment_size", "shift", "convention") if k in pf})
-    if "num_gaussians" in kw:
-        net, info["kind"] = GMSiT(**kw, t_scale=info["t_scale"]), "gm"
-    elif pf.get("policy") == "dx":
-        out = kw.pop("out_channels")
-        net = DXSiT(num_grid=out // kw["in_channels"], segment_size=pf.get("segment_size", 1.0),
-                    shift=pf.get("shift", 1.0), t_scale=info["t_scale"], **kw)
-        info["kind"] = "dx"
-    else:
-        out, C = kw.pop("out_channels"), kw["in_channels"]
-        if out == 2 * C:   # learn-sigma: keep the first C channels of each sub-position
-            p2 = kw["patch_size"] ** 2
-            sd["final_layer.linear.weight"] = sd["final_layer.linear.weight"].reshape(p2, 2 * C, -1)[:, :C].reshape(
-                p2 * C, -1)
-            sd["final_layer.linear.bias"] = sd["final_layer.linear.bias"].reshape(p2, 2 * C)[:, :C].reshape(-1)
-            info["convention"] = "sit"   # original SiT (learn_sigma=True): reversed time, v = -u
-        elif out != C:
-            _fail("checkpoint output channels", out, f"{C} (REPA / pi-Flow) or {2 * C} (learn-sigma SiT)")
-        net, info["kind"] = SiT(**kw), "teacher"
-    sd.pop("pos_embed", None)
-    net.load_state_dict(sd, strict=True)
-    net.input_size = info["input_size"]
-    return net, info
-
-
-def student_state_dict(student, layout="dit"):
-    """Student weights in the published DiT-style layout (layout='dit') or native SiT names ('sit')."""
-    sd = {k: v.detach().float().cpu().contiguous() for k, v in student.state_dict().items()}
-    return sit_to_dit(sd) if layout == "dit" else sd
-
-
-def save_student(student, path, nfe=None, extra=None):
-    """Atomic safetensors save in the released GMDiT-V2 layout + metadata 'piflow' (policy, t_scale, heads, ...)."""
+def save_student(path, student, state=None, **meta):
+    """Export in the released format (common.publish_dir): config.json (the diffusers config, the published class
+    name, our 'piflow' facts: policy, t_scale, PiIDConfig, ...) + float32 safetensors (metadata policy_config)."""
     from safetensors.torch import save_file
-    D = student.t_embedder.mlp[0].out_features
-    meta = dict(policy="gm" if isinstance(student, GMSiT) else "dx", t_scale=student.t_scale,
-                num_heads=student.blocks[0].attn.heads, input_size=student.input_size, nfe=nfe, hidden_size=D)
-    if isinstance(student, DXSiT):
-        meta.update(segment_size=student.segment_size, shift=student.shift)
-    meta.update(extra or {})
-    tmp = path + ".tmp"
-    save_file(student_state_dict(student), tmp, metadata={"piflow": json.dumps(meta)})
-    os.replace(tmp, path)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in (state or student.state_dict()).items()}
+    common.check_finite(state, f"export {path}")
+    gm, cfg = isinstance(student, GMDiT), student.piid_config
+    config = {k: v for k, v in student.config.items() if not k.startswith("_")}
+    config.update(_class_name="GMDiTTransformer2DModelV2" if gm else "DXDiTTransformer2DModel", piflow=dict(
+        policy="gm" if gm else "dx", t_scale=student.t_scale, piid_config=dataclasses.asdict(cfg), **meta))
+    policy = {"type": "GMFlow"} if gm else {"type": "DX", "segment_size": student.segment_size, "shift": cfg.shift}
+
+    def write(folder):
+        save_file(state, os.path.join(folder, WEIGHTS), metadata={"policy_config": json.dumps(policy)})
+        common.save_text(os.path.join(folder, "config.json"), json.dumps(config, indent=1))
+    common.publish_dir(path, write)
 
 
 #################################################################################
 #                     SD-VAE latents (integration §5.5)                         #
 #################################################################################
 
-def load_vae(spec=VAE_ID, device="cpu", dtype=torch.float32):
-    """diffusers AutoencoderKL from a hub id (HF_HUB_OFFLINE / cache honoured) or a local save_pretrained folder."""
+def load_vae(spec=VAE_ID, device="cpu"):
+    """diffusers AutoencoderKL from a folder or the hub (`owner/repo[:subfolder]`, one-line errors)."""
     from diffusers import AutoencoderKL
-    return AutoencoderKL.from_pretrained(spec).to(device, dtype).eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def decode(vae, z):
-    """latents (B, 4, h, w) -> uint8 images (B, H, W, 3): vae.decode(z / scale) in [-1, 1] -> [0, 255]."""
-    x = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    try:
+        return AutoencoderKL.from_pretrained(resolve(spec, "--vae")).to(device).eval().requires_grad_(False)
+    except (OSError, ValueError) as e:
+        raise common.UserError(f"--vae={spec!r} is not an AutoencoderKL folder ({str(e).splitlines()[0]})") from None
 
 
 def center_crop(img, res):
@@ -629,79 +412,59 @@ def center_crop(img, res):
     while min(img.size) >= 2 * res:
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
     s = res / min(img.size)
-    img = img.resize(tuple(round(x * s) for x in img.size), resample=Image.BICUBIC)
-    arr = np.asarray(img.convert("RGB"))
+    arr = np.asarray(img.resize(tuple(round(x * s) for x in img.size), resample=Image.BICUBIC).convert("RGB"))
     y, x = (arr.shape[0] - res) // 2, (arr.shape[1] - res) // 2
     return arr[y:y + res, x:x + res]
 
 
-IMG_EXT = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+def save_npy(path, arr):
+    with open(path, "wb") as f:                                           # (np.save(name) appends .npy)
+        np.save(f, arr)
 
 
 @torch.no_grad()
-def encode_folder(images, out, vae=VAE_ID, resolution=256, batch_size=32, shard_size=10000, device="cpu",
-                  seed=0, sample=True, progress=True):
-    """Encode an ImageFolder (one sub-folder per class, sorted names -> labels 0..) into a latent folder:
-
-        out/latents_00000.npy  float16 (n, 4, res/8, res/8)   one posterior sample * scaling_factor (official cache)
-        out/labels_00000.npy   int64 (n,)
-        out/meta.json          {num_images, classes, shards, shard_size, resolution, vae, scaling_factor, latent_shape}
-
-    Shards are written atomically and skipped when present (resume). sample=False stores the posterior mean.
-    vae: an AutoencoderKL instance or a spec for load_vae.
-    """
-    if not os.path.isdir(images):
-        _fail("--images", images, "an existing folder with one sub-folder per class", FileNotFoundError)
-    classes = sorted(d for d in os.listdir(images) if os.path.isdir(os.path.join(images, d)))
-    files = [(os.path.join(images, c, f), i) for i, c in enumerate(classes)
-             for f in sorted(os.listdir(os.path.join(images, c))) if f.lower().endswith(IMG_EXT)]
-    if not files:
-        _fail("--images", images, f"class sub-folders containing images ({', '.join(IMG_EXT)})")
-    vae = load_vae(vae, device) if isinstance(vae, str) else vae
-    sf = float(vae.config.scaling_factor)
-    os.makedirs(out, exist_ok=True)
+def encode_folder(images, out, vae=VAE_ID, resolution=256, batch_size=32, shard_size=10000, device="cpu", seed=0,
+                  sample=True, progress=True):
+    """ImageFolder (one sub-folder per class, sorted names -> labels 0..) -> latent folder: latents_00000.npy float16
+    (n, 4, res/8, res/8) = one posterior sample x scaling_factor (as the official cache), labels_00000.npy int64,
+    meta.json. Shards are written atomically and skipped when present (resume); sample=False: posterior mean."""
     from PIL import Image
     from tqdm import tqdm
-    shards = list(range(0, len(files), shard_size))
-    latent_shape = None
+    classes = sorted(d for d in os.listdir(images) if os.path.isdir(os.path.join(images, d))) \
+        if os.path.isdir(images) else []
+    files = [(os.path.join(images, c, f), i) for i, c in enumerate(classes) for f in
+             sorted(os.listdir(os.path.join(images, c))) if f.lower().endswith((".jpg", ".jpeg", ".png", ".webp"))]
+    if not files:
+        raise common.UserError(f"--images={images!r} is not a folder of class sub-folders with images")
+    vae = load_vae(vae, device) if isinstance(vae, str) else vae
+    shards, shape = list(range(0, len(files), shard_size)), None
     for s, start in enumerate(tqdm(shards, desc="encode shards", disable=not progress)):
         lat_path, lab_path = (os.path.join(out, f"{n}_{s:05d}.npy") for n in ("latents", "labels"))
         chunk = files[start:start + shard_size]
-        if os.path.exists(lat_path) and os.path.exists(lab_path):
-            latent_shape = list(np.load(lat_path, mmap_mode="r").shape[1:])
-            continue
-        g = torch.Generator(device).manual_seed(seed * 100003 + s)
-        lats = []
-        for b in range(0, len(chunk), batch_size):
-            x = np.stack([center_crop(Image.open(f), resolution) for f, _ in chunk[b:b + batch_size]])
-            x = torch.from_numpy(x).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device, vae.dtype)
-            dist = vae.encode(x).latent_dist
-            z = dist.sample(generator=g) if sample else dist.mean
-            lats.append((z.float() * sf).cpu().half().numpy())
-        lats = np.concatenate(lats)
-        latent_shape = list(lats.shape[1:])
-        for path, arr in ((lat_path, lats), (lab_path, np.array([l for _, l in chunk], dtype=np.int64))):
-            with open(path + ".tmp", "wb") as f:
-                np.save(f, arr)
-            os.replace(path + ".tmp", path)
+        if not (os.path.exists(lat_path) and os.path.exists(lab_path)):
+            g, lats = torch.Generator(device).manual_seed(seed * 100003 + s), []
+            for b in range(0, len(chunk), batch_size):
+                x = np.stack([center_crop(Image.open(f), resolution) for f, _ in chunk[b:b + batch_size]])
+                d = vae.encode(torch.from_numpy(x).permute(0, 3, 1, 2).to(device, vae.dtype) / 127.5 - 1).latent_dist
+                lats.append(((d.sample(generator=g) if sample else d.mean).float() * vae.config.scaling_factor)
+                            .cpu().half().numpy())
+            for path, arr in ((lat_path, np.concatenate(lats)), (lab_path, np.array([c for _, c in chunk]))):
+                common.save_atomic(path, lambda tmp, arr=arr: save_npy(tmp, arr))
+        shape = list(np.load(lat_path, mmap_mode="r").shape[1:])
     meta = dict(num_images=len(files), classes=classes, shards=len(shards), shard_size=shard_size,
-                resolution=resolution, vae=vae.config.get("_name_or_path", "") or "AutoencoderKL",
-                scaling_factor=sf, latent_shape=latent_shape)
-    with open(os.path.join(out, "meta.json.tmp"), "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(os.path.join(out, "meta.json.tmp"), os.path.join(out, "meta.json"))
+                resolution=resolution, scaling_factor=float(vae.config.scaling_factor), latent_shape=shape)
+    common.save_text(os.path.join(out, "meta.json"), json.dumps(meta, indent=1))
     return meta
 
 
 class LatentFolder:
-    """Random access to an encode_folder output (memory-mapped). sample(B, generator) -> (x0 (B,4,h,w), y (B,))."""
+    """Random access to an encode_folder output (memory-mapped). sample(B, generator) -> (x0 (B, C, h, w), y (B,))."""
 
     def __init__(self, folder):
-        meta_path = os.path.join(folder, "meta.json")
-        if not os.path.isfile(meta_path):
-            _fail("--latents", folder, "a folder written by `python sit.py encode` (with meta.json)",
-                  FileNotFoundError)
-        with open(meta_path) as f:
+        if not os.path.isfile(os.path.join(folder, "meta.json")):
+            raise common.UserError(f"--latents={folder!r} is not a latent folder (no meta.json); write one with "
+                                   "`python sit.py encode`")
+        with open(os.path.join(folder, "meta.json")) as f:
             self.meta = json.load(f)
         n = self.meta["shards"]
         self.latents = [np.load(os.path.join(folder, f"latents_{s:05d}.npy"), mmap_mode="r") for s in range(n)]
@@ -709,358 +472,227 @@ class LatentFolder:
         self.offsets = np.cumsum([0] + [len(a) for a in self.latents])
         self.shape = tuple(self.meta["latent_shape"])
 
-    def __len__(self):
-        return int(self.offsets[-1])
-
     def sample(self, batch, generator=None):
-        idx = torch.randint(len(self), (batch,), generator=generator).numpy()
+        idx = torch.randint(int(self.offsets[-1]), (batch,), generator=generator).numpy()
         s = np.searchsorted(self.offsets, idx, side="right") - 1
         x0 = np.stack([self.latents[a][i - self.offsets[a]] for a, i in zip(s, idx)]).astype(np.float32)
         return torch.from_numpy(x0), torch.from_numpy(self.labels[idx])
 
 
 #################################################################################
-#                  Training hook for train_imagenet.py (--teacher sit)           #
+#                 The trainer.py attachment (train_imagenet.py)                 #
 #################################################################################
 
-def add_train_args(parser):
-    """SiT-specific flags (options the trainer already defines are left to it)."""
-    have = set(parser._option_string_actions)
+@dataclasses.dataclass(frozen=True)
+class Options:
+    teacher_ckpt: str = "repa"          # teacher: repa, flowdit, owner/repo:sub, hf://..., a folder or SiT/DiT file
+    policy: str = "gm"                  # student policy: gm (K Gaussians per pixel) or dx (N-point x0 grid)
+    K: int = 32                         # Gaussians of the GM policy
+    N: int = 10                         # grid points of the DX policy
+    latents: str = ""                   # latent folder from `python sit.py encode` (data-dependent training needs it)
+    student_init: str = ""              # start from this student (id, folder, ckpt.pt), not the teacher's heads
+    num_heads: int = 0                  # heads of a teacher file without config.json; 0 = hidden size / 72 (SiT)
+    t_scale: float = 0.0                # network time = t_scale * sigma; 0 = the checkpoint's (1 REPA, 1000 FM DiT)
+    teacher_convention: str = "auto"    # auto | u (REPA, FM DiT: v = u) | sit (original SiT: t = 1 - sigma, v = -u)
+    grad_checkpointing: bool = False    # recompute the student's blocks in the backward pass (less memory)
+    vae: str = VAE_ID                   # SD-VAE of the latents: recorded in the export, sample.py decodes with it
+    trust_checkpoint: bool = False      # unpickle .pt files fully (only files you trust; default: weights only)
 
-    def add(flag, **kw):
-        if flag not in have:
-            parser.add_argument(flag, **kw)
-    add("--teacher-ckpt", default="repa", help="teacher checkpoint: known id (repa, flowdit), hf://owner/repo/path, "
-        "or a local .pt/.pth/.safetensors (REPA / SiT / DiT-style)")
-    add("--student-init", default=None, help="optional student checkpoint to start from (released id or local file) "
-        "instead of the teacher-initialised head")
-    add("--policy", default="gm", choices=["gm", "dx"], help="student policy: GMFlow (K Gaussians) or DX (N grid)")
-    add("--num-gaussians", type=int, default=32, help="K for the GM policy (Table 8: 32)")
-    add("--dx-grid", type=int, default=10, help="N grid points for the DX policy")
-    add("--cfg-scale", type=float, default=None, help="teacher CFG scale (default: Table 8, REPA 3.2 at 1 NFE, "
-        "2.8 otherwise; FM DiT 2.7)")
-    add("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-        help="sigma interval where CFG applies (default: REPA [0, 0.7], FM DiT [0, 0.6])")
-    add("--grad-checkpointing", action="store_true", help="checkpoint student blocks (less memory, ~30%% slower)")
-    add("--latents", default=None, help="latent folder from `python sit.py encode` for data-dependent training "
-        "(without it the trainer draws labels uniformly: data-free)")
-    add("--num-heads", type=int, default=None, help="attention heads (default: hidden size / 72, as SiT)")
-    add("--teacher-convention", default="auto", choices=["auto", "u", "sit"],
-        help="teacher time convention: u (REPA, pi-Flow), sit (original SiT: t = 1 - sigma, v = -u); auto: sit "
-        "for learn-sigma checkpoints")
-    add("--t-scale", type=float, default=None, help="network time = t_scale * sigma (default: 1 for REPA, "
-        "1000 for the FM DiT)")
-    add("--amp", default="auto", choices=["auto", "none", "bf16"], help="bf16 autocast on CUDA (auto: on for CUDA)")
-    add("--vae", default=VAE_ID, help="SD-VAE for preview grids (hub id or local folder)")
-    add("--trust-checkpoint", action="store_true", help="allow torch.load(weights_only=False) for trusted files")
-    return parser
+    def __post_init__(self):
+        for name, ok, accepted in [("policy", self.policy in ("gm", "dx"), "gm or dx"), ("K", self.K >= 1, ">= 1"),
+                                   ("N", self.N >= 1, ">= 1"), ("num_heads", self.num_heads >= 0, ">= 0"),
+                                   ("t_scale", self.t_scale >= 0, ">= 0"), ("teacher_convention",
+                                   self.teacher_convention in ("auto", "u", "sit"), "auto, u or sit")]:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; expected {accepted}")
 
 
-def table8_cfg(teacher_spec, nfe):
-    """Table 8 teacher guidance (scale, interval) for a known teacher id; REPA values otherwise."""
-    k = KNOWN.get(teacher_spec, KNOWN["repa"])
-    cfg = k.get("cfg", KNOWN["repa"]["cfg"])
-    return cfg.get(nfe, cfg[max(cfg)]), k.get("interval", KNOWN["repa"]["interval"])
+FLAG_ALIASES = {"K": ["--num-gaussians"], "N": ["--dx-grid"]}
 
 
-@dataclass
-class ImageNetSetup:
-    teacher: Callable            # guided: teacher(x_t, sigma, y) -> u
-    teacher_u: nn.Module         # the unguided Teacher
-    student: nn.Module           # student(x_t, sigma, y) -> piflow policy
-    shape: tuple                 # latent (C, H, W)
-    num_classes: int
-    data: Optional[LatentFolder]  # None -> data-free
-    piid_defaults: dict          # Table 8 ImageNet PiIDConfig fields
-    info: dict = field(default_factory=dict)
-    vae_spec: str = VAE_ID
-    _vae: object = None
+class SiTAttachment:
+    """trainer.py attachment: the frozen SiT/DiT teacher with interval CFG (null class = num_classes) and a GM or
+    DX student initialised from it; data from a latent folder (Alg. 2) or labels alone (Alg. 3)."""
+    sharded = False
 
-    def sample_batch(self, batch, generator=None, device="cpu"):
-        """-> (x0 (B, C, H, W) or None when data-free, labels (B,)); labels uniform when data-free."""
-        if self.data is not None:
-            x0, y = self.data.sample(batch, generator)
-            return x0.to(device), y.to(device)
-        return None, torch.randint(self.num_classes, (batch,), generator=generator).to(device)
+    def __init__(self, opts, cfg, tc, settings, device, dtype):
+        if tc.data_dependent and not opts.latents:
+            raise common.UserError("--data-dependent needs --latents: a folder written by `python sit.py encode`")
+        self.data = LatentFolder(opts.latents) if opts.latents else None  # fail fast, before any model
+        self.opts, self.settings, self.device, self.dtype = opts, settings, device, dtype
+        net, conv = load_teacher(opts)
+        C, S = net.config.in_channels, net.config.sample_size
+        self.noise_shape, self.num_classes = (C, S, S), net.config.num_embeds_ada_norm
+        if self.data is not None and self.data.shape != self.noise_shape:
+            raise common.UserError(f"--latents={opts.latents!r} holds latents of shape {self.data.shape}; the "
+                                   f"teacher takes {self.noise_shape}")
+        student = student_from_teacher(net, opts.policy, opts.K, opts.N, cfg, torch.Generator().manual_seed(tc.seed))
+        if opts.student_init:
+            init = load_student(opts.student_init, "--student-init", opts.trust_checkpoint).state_dict()
+            if {k: v.shape for k, v in init.items()} != {k: v.shape for k, v in student.state_dict().items()}:
+                raise common.UserError(f"--student-init={opts.student_init!r}: another architecture than the student "
+                                       f"of --teacher-ckpt={opts.teacher_ckpt!r} with these head settings")
+            student.load_state_dict(init)
+        if opts.grad_checkpointing:
+            student.enable_gradient_checkpointing()
+        self.student = student.to(device).train()
+        self.net = nn.Module.to(net, device, dtype)                       # (ModelMixin.to warns on any dtype)
+        null = torch.tensor([self.num_classes], device=device)
+        self.teacher = piflow.guided_teacher(as_teacher(self.net, conv), tc.guidance, null, tuple(tc.guidance_interval))
+        self._ref = None
 
-    def decode(self, z):
-        """latents -> uint8 (B, H, W, 3); loads the VAE on first use."""
-        if self._vae is None:
-            self._vae = load_vae(self.vae_spec, z.device)
-        return decode(self._vae, z)
+    def trainable(self):
+        return dict(self.student.named_parameters())
 
-    def save(self, path, nfe=None):
-        save_student(self.student, path, nfe=nfe)
+    def sample_cond(self, n, g):
+        return torch.randint(self.num_classes, (n,), generator=g, device=g.device)
 
-
-def build_imagenet(args, device):
-    """Teacher (guided, frozen), student (initialised from the teacher, recipe §6.1), data for train_imagenet.py."""
-    nfe = getattr(args, "nfe", 1)
-    device = torch.device(device)
-    amp = getattr(args, "amp", "auto")
-    amp_dtype = torch.bfloat16 if (amp == "bf16" or (amp == "auto" and device.type == "cuda")) else None
-    data = LatentFolder(args.latents) if getattr(args, "latents", None) else None  # fail fast, before loading
-    if getattr(args, "data_dependent", False) and data is None:
-        _fail("--latents", None, "a latent folder (`python sit.py encode`) for --data-dependent training")
-    if args.policy not in ("gm", "dx"):
-        _fail("--policy", args.policy, "gm or dx")
-    net, info = load_network(args.teacher_ckpt, getattr(args, "num_heads", None),
-                             getattr(args, "trust_checkpoint", False), name="--teacher-ckpt")
-    if info["kind"] != "teacher":
-        _fail("--teacher-ckpt", args.teacher_ckpt, "a teacher (SiT / REPA / DiT-style with a single output layer)")
-    if getattr(args, "t_scale", None) is not None:
-        info["t_scale"] = args.t_scale
-    conv = getattr(args, "teacher_convention", "auto")
-    info["convention"] = info["convention"] if conv == "auto" else conv
-    print(f"teacher {info['path']}: convention {info['convention']}, t_scale {info['t_scale']}")
-    scale, interval = table8_cfg(args.teacher_ckpt, nfe)
-    scale = scale if getattr(args, "cfg_scale", None) is None else args.cfg_scale
-    interval = tuple(interval if getattr(args, "cfg_interval", None) is None else args.cfg_interval)
-    kw = dict(input_size=info["input_size"], patch_size=net.p, in_channels=net.in_channels,
-              hidden_size=net.t_embedder.mlp[0].out_features, depth=len(net.blocks),
-              num_heads=net.blocks[0].attn.heads, mlp_ratio=net.blocks[0].mlp.fc1.out_features /
-              net.t_embedder.mlp[0].out_features, num_classes=net.num_classes,
-              t_scale=info["t_scale"], autocast_dtype=amp_dtype)
-    if args.policy == "gm":
-        student = GMSiT(num_gaussians=args.num_gaussians, **kw)
-    else:
-        student = DXSiT(num_grid=args.dx_grid, segment_size=1.0 / nfe, shift=getattr(args, "shift", 1.0), **kw)
-    g = torch.Generator().manual_seed(getattr(args, "seed", 0))
-    init_student_from_teacher(student, net, generator=g)
-    teacher_net = net.to(device, amp_dtype or torch.float32).eval().requires_grad_(False)
-    teacher = Teacher(teacher_net, info["t_scale"], info["convention"], amp_dtype)
-    null = torch.full((1,), net.num_classes, dtype=torch.long, device=device)   # null class: 1000 on ImageNet
-    guided = piflow.guided_teacher(teacher, scale, null, interval)
-    if getattr(args, "student_init", None):
-        src, _ = load_network(args.student_init, kw["num_heads"], getattr(args, "trust_checkpoint", False),
-                              name="--student-init")
-        student.load_state_dict(src.state_dict())
-    student.grad_checkpointing = bool(getattr(args, "grad_checkpointing", False))
-    student = student.to(device).train()
-    if data is not None and tuple(data.shape) != (net.in_channels, info["input_size"], info["input_size"]):
-        _fail("--latents", args.latents, f"latents of shape {(net.in_channels, info['input_size'], info['input_size'])}"
-              f" (folder has {data.shape})")
-    piid = dict(shift=1.0, final_step_scale=1.0, total_substeps=128, num_intermediate=2, window_substeps=0,
-                gm_dropout=0.05 if args.policy == "gm" else 0.0, loss_scale=3.0)
-    info.update(cfg_scale=scale, cfg_interval=interval)
-    return ImageNetSetup(guided, teacher, student, (net.in_channels, info["input_size"], info["input_size"]), net.num_classes,
-                         data, piid, info, getattr(args, "vae", VAE_ID))
-
-
-class _TrainSetup:
-    """train_imagenet.Setup contract: teacher (unguided), student, sample_data, sample_cond, noise_shape,
-    null_cond, evaluate(ema) -> dict."""
-
-
-def build(args, device):
-    """train_imagenet.py dispatch (`--teacher sit`). Fills args.guidance / args.guidance_interval with Table 8
-    values (or --cfg-scale / --cfg-interval) when they are left at the trainer's defaults (1.0, (0, 1))."""
-    if getattr(args, "policy", "gm") == "shortcut":
-        _fail("--policy", "shortcut", "gm or dx with --teacher sit")
-    if getattr(args, "guidance", 1.0) == 1.0:
-        args.cfg_scale = getattr(args, "cfg_scale", None)
-    else:
-        args.cfg_scale = args.guidance
-    if tuple(getattr(args, "guidance_interval", (0.0, 1.0))) != (0.0, 1.0):
-        args.cfg_interval = tuple(args.guidance_interval)
-    setup = build_imagenet(args, device)
-    args.guidance, args.guidance_interval = setup.info["cfg_scale"], list(setup.info["cfg_interval"])
-    s = _TrainSetup()
-    s.teacher, s.student, s.noise_shape = setup.teacher_u, setup.student, setup.shape
-    s.null_cond = torch.tensor([setup.num_classes], device=device)
-    s.sample_cond = lambda B, g: torch.randint(setup.num_classes, (B,), generator=g, device=g.device)
-
-    def sample_data(B, g):
-        if setup.data is None:
-            _fail("--latents", None, "a latent folder for data-dependent training")
+    def sample_data(self, n, g):
         cpu = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,), generator=g, device=g.device)))
-        x0, y = setup.data.sample(B, cpu)
-        return x0.to(device), y.to(device)
-    s.sample_data = sample_data
-    cache = {}
+        x0, y = self.data.sample(n, cpu)
+        return x0.to(self.device), y.to(self.device)
 
     @torch.no_grad()
-    def evaluate(ema, n=8, teacher_steps=32):
-        """Teacher alignment on a fixed batch: latent MSE of the NFE-step EMA student vs the teacher's guided
-        Euler ODE (teacher_steps, uniform in sigma) from the same noise (computed once)."""
-        if not cache:
-            g = torch.Generator().manual_seed(1234)
-            noise = torch.randn((n,) + tuple(setup.shape), generator=g).to(device)
-            y = torch.arange(n, device=device) * (setup.num_classes // n)
-            x = noise
-            for i in range(teacher_steps):
-                s0, s1 = 1 - i / teacher_steps, 1 - (i + 1) / teacher_steps
-                x = x + setup.teacher(x, piflow.as_batch(s0, x), y) * (s1 - s0)
-            cache.update(noise=noise, y=y, x0=x)
-        x = piflow.sample(ema, cache["noise"], cache["y"], args.nfe, args.shift, args.final_step_scale)
-        return {"latent_mse_vs_teacher": float((x - cache["x0"]).pow(2).mean())}
-    s.evaluate = evaluate
-    return s
+    def evaluate(self, student, n=8, teacher_steps=32):
+        """Teacher alignment: latent MSE between the student's samples and the guided teacher's 32-step Euler ODE
+        from the same noise (n fixed samples and labels; the teacher's endpoints are computed once)."""
+        import toy
+        with torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
+            if self._ref is None:
+                noise = torch.randn((n,) + self.noise_shape, generator=torch.Generator().manual_seed(1234))
+                y = torch.arange(n, device=self.device) * (self.num_classes // n)
+                noise = noise.to(self.device)
+                self._ref = noise, y, toy.teacher_euler(self.teacher, noise, y, teacher_steps)
+            noise, y, x_teacher = self._ref
+            x = piflow.sample(student, noise, y)
+        return {"align": float((x.float() - x_teacher.float()).pow(2).mean())}
+
+    def export(self, path, ema):
+        """The released student format: a folder with config.json + diffusion_pytorch_model.safetensors."""
+        save_student(path, self.student, ema, vae=self.opts.vae, teacher=self.opts.teacher_ckpt,
+                     guidance=self.settings.get("guidance"), guidance_interval=self.settings.get("guidance_interval"))
+
+
+def attach(opts, cfg, tc, settings, device, dtype=torch.float32):
+    """train_imagenet.py --teacher sit."""
+    return SiTAttachment(opts, cfg, tc, settings, device, dtype)
 
 
 #################################################################################
-#                    Sampling CLI (sample.py --model imagenet)                  #
+#                   Sampling (sample.py --model imagenet)                       #
 #################################################################################
 
-def _sample_parser():
-    p = argparse.ArgumentParser(description="pi-Flow ImageNet-256 sampling (PNG grid, or ADM-layout npz)")
-    p.add_argument("--model", default="imagenet", help="(sample.py dispatch; ignored here)")
-    p.add_argument("--ckpt", default="gmrepa_k32_imagenet_piid_1step", help="student: released id "
-                   f"({', '.join(k for k in KNOWN if k.startswith('gm'))}), hf://owner/repo/path, or a local file")
-    p.add_argument("--nfe", type=int, default=None, help="sampling steps (default: the checkpoint's training NFE, "
-                   "else 1); GM students accept any NFE >= 1")
-    p.add_argument("--class-labels", type=int, nargs="+", default=[207, 360, 387, 974, 88, 979, 417, 279],
-                   help="ImageNet classes for the PNG grid")
-    p.add_argument("--num-samples", type=int, default=0, help="with --npz: total samples (class-balanced labels "
-                   "i %% 1000), split over torchrun ranks")
-    p.add_argument("--npz", default=None, help="write uint8 (N, H, W, 3) arr_0 for the ADM evaluator")
-    p.add_argument("--out", default="samples/imagenet_nfe{nfe}.png", help="PNG grid path ({nfe} is filled in)")
-    p.add_argument("--batch-size", type=int, default=32, help="samples per forward")
-    p.add_argument("--seed", type=int, default=0, help="noise of sample i is randn from seed + i")
-    p.add_argument("--temperature", default=None, help="GM temperature: none, 'auto' or a value > 0")
-    p.add_argument("--total-substeps", type=int, default=128, help="policy Euler substeps per unit raw time")
-    p.add_argument("--vae", default=VAE_ID, help="SD-VAE: hub id or local folder")
-    p.add_argument("--num-heads", type=int, default=None, help="attention heads if not hidden/72")
-    p.add_argument("--t-scale", type=float, default=None, help="override network time scale (1 REPA, 1000 FM DiT)")
-    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
-    p.add_argument("--trust-checkpoint", action="store_true", help="allow torch.load(weights_only=False)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    return p
+def add_sample_flags(p, model="imagenet"):
+    for flag, kw, text in [
+            ("--ckpt", dict(default="gmrepa_k32_imagenet_piid_1step"), "student: released id, owner/repo:subfolder, "
+             "hf://..., exported folder, a file beside its config.json, or a run's ckpt.pt"),
+            ("--class-labels", dict(type=int, nargs="+", default=[207, 360, 387, 974, 88, 979, 417, 279]),
+             "grid rows: ImageNet class ids"),
+            ("--per-class", dict(type=int, default=4), "grid columns: samples per class"),
+            ("--npz", dict(default=None), "instead of a grid: --num-samples images (labels i mod 1000) as an ADM npz, "
+             "uint8 arr_0 (N, H, W, 3); under torchrun each rank samples a block"),
+            ("--num-samples", dict(type=int, default=50000), "images in the --npz"),
+            ("--batch-size", dict(type=int, default=32), "samples per student call"),
+            ("--total-substeps", dict(type=int, default=None), "rollout substeps per unit time; None = the student's"),
+            ("--vae", dict(default=None), f"SD-VAE, hub id or folder; None = the student's, else {VAE_ID}"),
+            ("--t-scale", dict(type=float, default=0.0), "network time = t_scale * sigma; 0 = the student's, else 1"),
+            ("--device", dict(default=None), "torch device; None = cuda if available (torchrun: cuda:LOCAL_RANK)"),
+            ("--trust-checkpoint", dict(action="store_true"), "unpickle a .pt student fully (trusted files only)")]:
+        p.add_argument(flag, **kw, help=text + ("" if flag == "--trust-checkpoint" else " (default: %(default)s)"))
 
 
-def _write_npz_streaming(path, parts, shape):
-    """Write arr_0 (uint8, shape) into an .npz from a list of arrays without concatenating them in memory."""
+@torch.no_grad()
+def generate(student, vae, indices, labels, args, nfe, device):
+    """uint8 images (n, H, W, 3) of samples `indices` (n,) with `labels` (n,): piflow.sample, SD-VAE decode.
+    Sample i's noise is randn from the generator seeded seed * 2^32 + i: it depends only on (seed, i)."""
+    c, out = student.config, []
+    for b in range(0, len(indices), args.batch_size):
+        noise = torch.stack([torch.randn(c.in_channels, c.sample_size, c.sample_size, generator=torch.Generator()
+                                         .manual_seed(args.seed * 2 ** 32 + int(i)))
+                             for i in indices[b:b + args.batch_size]])
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            z = piflow.sample(student, noise.to(device), torch.as_tensor(labels[b:b + args.batch_size], device=device),
+                              nfe, temperature=args.temperature, total_substeps=args.total_substeps)
+        x = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample.float()      # SD-VAE: [-1, 1]
+        out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
+
+
+def write_npz(path, parts, n):
+    """ADM evaluator layout: arr_0 uint8 (n, H, W, 3), streamed from the parts into the .npz (atomically)."""
     import zipfile
-    tmp = path + ".tmp"
-    with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
-        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    H, W = next(p.shape[1:3] for p in parts if len(p))
+
+    def write(tmp):
+        with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf, zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (n, H, W, 3)})
             for a in parts:
                 f.write(np.ascontiguousarray(a).tobytes())
-    os.replace(tmp, path)
+    common.save_atomic(path, write)
 
 
-def sample_cli(argv=None):
-    """Few-step sampling with a GM/DX student (piflow.sample) + SD-VAE decode. Under torchrun each rank samples a
-    contiguous block of indices; rank 0 writes the npz. Sample i depends only on (seed, i), not on world size."""
-    args = _sample_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    T = args.temperature
-    if T is not None and T not in ("none", "auto"):
-        try:
-            T = float(T)
-        except ValueError:
-            _fail("--temperature", T, "none, auto or a number > 0")
-    T = None if T == "none" else T
-    if args.npz and args.num_samples < 1:
-        _fail("--num-samples", args.num_samples, "an integer >= 1 with --npz")
-    if args.nfe is not None and args.nfe < 1:
-        _fail("--nfe", args.nfe, "an integer >= 1")
-    if not args.npz and any(not 0 <= c < 1000 for c in args.class_labels):
-        _fail("--class-labels", args.class_labels, "ImageNet classes in [0, 999]")
-    dist = None
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        import torch.distributed as dist
+def sample_grid(args):
+    """sample.py --model imagenet: one grid row per --class-labels entry, or the --npz (labels i mod num_classes;
+    under torchrun rank r samples the r-th contiguous block, rank 0 writes the file). Any batch or world size gives
+    the same images (see generate)."""
+    for name, ok, accepted in [("per_class", args.per_class >= 1, ">= 1"), ("num_samples", args.num_samples >= 1,
+                               ">= 1"), ("batch_size", args.batch_size >= 1, ">= 1"), ("total_substeps",
+                               (args.total_substeps or 1) >= 1, ">= 1"), ("t_scale", args.t_scale >= 0, ">= 0"),
+                               ("npz", (args.npz or ".npz").endswith(".npz"), "a path ending in .npz")]:
+        if not ok:
+            raise common.UserError(f"{common.flag(name)}={getattr(args, name)!r} is not accepted; expected {accepted}")
+    if args.npz:
+        common.check_writable(args.npz, "--npz")
+    world, rank, dist = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)), None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dist is not None:
+    if world > 1:
+        import torch.distributed as dist
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
-    net, info = load_network(args.ckpt, args.num_heads, args.trust_checkpoint)   # clear error before heavy work
-    if info["kind"] not in ("gm", "dx"):
-        _fail("--ckpt", args.ckpt, "a GM or DX student (this is a teacher checkpoint)")
-    if args.t_scale is not None:
-        net.t_scale = args.t_scale
-    nfe = args.nfe or info.get("nfe") or 1
-    vae = load_vae(args.vae, device)
-    net = net.to(device).eval()
-    if device.type == "cuda":
-        net.autocast_dtype = torch.bfloat16
-    C, S = net.in_channels, info["input_size"]
-    if args.npz:
-        idx = np.arange(args.num_samples)
-        labels = idx % 1000
-        lo, hi = rank * len(idx) // world, (rank + 1) * len(idx) // world
-    else:
-        idx = np.arange(len(args.class_labels))
-        labels, lo, hi = np.array(args.class_labels), 0, len(idx)
-    from tqdm import tqdm
-    out = []
-    for b in tqdm(range(lo, hi, args.batch_size), desc=f"rank {rank} sampling", disable=rank != 0):
-        e = min(b + args.batch_size, hi)
-        noise = torch.stack([torch.randn(C, S, S, generator=torch.Generator().manual_seed(args.seed + int(i)))
-                             for i in idx[b:e]]).to(device)
-        y = torch.as_tensor(labels[b:e], device=device)
-        z = piflow.sample(net, noise, y, nfe, temperature=T, total_substeps=args.total_substeps)
-        out.append(decode(vae, z).numpy())
-    imgs = np.concatenate(out) if out else np.zeros((0, 0, 0, 3), np.uint8)
-    if args.npz:
-        part = f"{args.npz}.part{rank}.npy"
-        np.save(part, imgs)
-        if dist is not None:
+    try:
+        student = load_student(args.ckpt, "--ckpt", args.trust_checkpoint, args.t_scale).to(device)
+        ncls, nfe = student.config.num_embeds_ada_norm, args.nfe or student.piid_config.nfe
+        if not args.npz and not all(0 <= c < ncls for c in args.class_labels):
+            raise common.UserError(f"--class-labels={args.class_labels} is not accepted; expected ids in [0, {ncls})")
+        vae = load_vae(args.vae or student.vae or VAE_ID, device)
+        if not args.npz:                                                  # the grid: rank 0 alone
+            labels, k = np.repeat(args.class_labels, args.per_class), args.per_class
+            imgs = generate(student, vae, np.arange(len(labels) if rank == 0 else 0), labels, args, nfe, device)
+            rows = [list(imgs[i * k:(i + 1) * k]) for i in range(len(args.class_labels))] if rank == 0 else None
+            return dict(rows=rows, row_labels=[f"class {c}" for c in args.class_labels], images=imgs, nfe=nfe,
+                        title=f"{args.ckpt}: NFE {nfe}, seed {args.seed}")
+        n, parts = args.num_samples, [f"{args.npz}.part{r}.npy" for r in range(world)]
+        idx = np.arange(rank * n // world, (rank + 1) * n // world)
+        save_npy(parts[rank], generate(student, vae, idx, idx % ncls, args, nfe, device))
+        if dist:
             dist.barrier()
         if rank == 0:
-            parts = [np.load(f"{args.npz}.part{r}.npy", mmap_mode="r") for r in range(world)]
-            H, W = next(p.shape[1:3] for p in parts if len(p))
-            _write_npz_streaming(args.npz, parts, (args.num_samples, H, W, 3))
-            for r in range(world):
-                os.remove(f"{args.npz}.part{r}.npy")
-            print(f"wrote {args.npz}: arr_0 uint8 {(args.num_samples, H, W, 3)}")
-        if dist is not None:
+            write_npz(args.npz, [np.load(f, mmap_mode="r") for f in parts], n)
+            for f in parts:
+                os.remove(f)
+            print(f"wrote {args.npz}: {n} samples, NFE {nfe}")
+        return dict(nfe=nfe)
+    finally:
+        if dist:
             dist.barrier()
-    else:
-        from PIL import Image
-        n = len(imgs)
-        cols = min(n, 8)
-        rows = -(-n // cols)
-        H, W = imgs.shape[1:3]
-        grid = np.zeros((rows * H, cols * W, 3), np.uint8)
-        for i, im in enumerate(imgs):
-            grid[(i // cols) * H:(i // cols + 1) * H, (i % cols) * W:(i % cols + 1) * W] = im
-        args.out = args.out.format(nfe=nfe)
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        tmp = args.out + ".tmp.png"
-        Image.fromarray(grid).save(tmp)
-        os.replace(tmp, args.out)
-        print(f"wrote {args.out} ({rows}x{cols} grid, NFE {nfe})")
-    if dist is not None:
-        dist.destroy_process_group()
-    return args.npz or args.out
+            dist.destroy_process_group()
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="SiT/REPA utilities for pi-Flow ImageNet")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("encode", help="image folder -> SD-VAE latent folder (see encode_folder)")
+    p = argparse.ArgumentParser(description="ImageNet latents for pi-Flow: `encode` an ImageFolder with the SD-VAE")
+    e = p.add_subparsers(dest="cmd", required=True).add_parser("encode", help="image folder -> SD-VAE latent folder")
     e.add_argument("--images", required=True, help="ImageFolder root: one sub-folder per class")
-    e.add_argument("--out", required=True, help="output latent folder (resumable)")
-    e.add_argument("--vae", default=VAE_ID, help="SD-VAE hub id or local folder")
-    e.add_argument("--resolution", type=int, default=256, help="center-crop size")
-    e.add_argument("--batch-size", type=int, default=32, help="images per VAE call")
-    e.add_argument("--shard-size", type=int, default=10000, help="images per shard")
-    e.add_argument("--seed", type=int, default=0, help="posterior-sample seed")
-    e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
-    c = sub.add_parser("convert", help="SiT/REPA/DiT checkpoint -> DiT-style safetensors (published layout)")
-    c.add_argument("src", help="checkpoint (id, hf://..., or local file)")
-    c.add_argument("dst", help="output .safetensors")
-    c.add_argument("--trust-checkpoint", action="store_true", help="allow torch.load(weights_only=False)")
+    e.add_argument("--out", required=True, help="output latent folder (resumable: finished shards are kept)")
+    e.add_argument("--vae", default=VAE_ID, help="SD-VAE: hub id or folder (default: %(default)s)")
+    e.add_argument("--resolution", type=int, default=256, help="center-crop size (default: %(default)s)")
+    e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     a = p.parse_args(argv)
-    if a.cmd == "encode":
-        encode_folder(a.images, a.out, a.vae, a.resolution, a.batch_size, a.shard_size, a.device, a.seed)
-    else:
-        if not a.dst.endswith(".safetensors"):
-            _fail("dst", a.dst, "a path ending in .safetensors")
-        net, info = load_network(a.src, trust=a.trust_checkpoint, name="src")
-        from safetensors.torch import save_file
-        save_file(student_state_dict(net), a.dst + ".tmp",
-                  metadata={"piflow": json.dumps(dict(t_scale=info["t_scale"], convention=info["convention"],
-                                                           input_size=info["input_size"]))})
-        os.replace(a.dst + ".tmp", a.dst)
-        print(f"wrote {a.dst} ({info['convention']} convention; learn-sigma channels dropped)")
+    with common.user_errors("sit.py"):
+        common.check_writable(a.out, "--out", is_dir=True)
+        encode_folder(a.images, a.out, a.vae, a.resolution, device=a.device)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

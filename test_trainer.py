@@ -78,7 +78,7 @@ def test_resume_continues_identically(tmp_path, extra):
     assert_same_state(a, b)
     moved = max((a["student"][k] - b["student"][k]).abs().max() for k in a["student"])
     assert moved == 0
-    assert any(v.abs().max() > 0 for k, v in a["opt"]["state"][0].items() if k == "exp_avg")   # moments are real
+    assert all(s["exp_avg"].abs().max() > 0 for s in a["opt"]["state"].values() if s["exp_avg"].dim() > 1)
 
 
 class Crash(Exception):
@@ -355,7 +355,9 @@ def test_torchrun_default_flags_and_equivalence_to_one_process(tmp_path):
     for i, s in a["opt"]["state"].items():
         for m in ("exp_avg", "exp_avg_sq"):
             ref = b["opt"]["state"][i][m]
-            assert (s[m] - ref).abs().max() <= 1e-4 * ref.abs().max() + 1e-12, (i, m)
+            # float summation order only: 1 % of the tensor's scale (the logstd head's tiny, cancelling gradients
+            # differ by ~1e-3 relative); a gradient scaled by 2 would be off by 100 % (exp_avg) / 300 % (exp_avg_sq)
+            assert (s[m] - ref).abs().max() <= 1e-2 * ref.abs().max() + 1e-12, (i, m)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -342,7 +342,7 @@ def _train(run, build, cfg, tc, settings, args):
     if ck is not None:
         load_into(params, ck["student"])
         load_into(ema, ck["ema"])
-        load_optimizer(opt, student, ck["opt"], sharded)
+        load_optimizer(opt, student, ck["opt"])
         start, recent = ck["step"], list(ck.get("recent_losses", []))
         del ck
     teacher_autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and not sharded
@@ -375,7 +375,7 @@ def _train(run, build, cfg, tc, settings, args):
     def save(step):
         """One consistent unit: weights, EMA, optimizer, step and settings in one atomically replaced file."""
         state = {"step": step, "settings": settings, "student": full_tensors(params), "ema": full_tensors(ema),
-                 "opt": optimizer_state(opt, student, sharded), "recent_losses": list(recent)}
+                 "opt": optimizer_state(opt, student), "recent_losses": list(recent)}
         if rank == 0:
             common.check_finite(state["student"], "checkpoint")
             common.check_finite(state["ema"], "checkpoint EMA")
@@ -452,16 +452,19 @@ def _train(run, build, cfg, tc, settings, args):
 #                     Optimizer state: one file for any world size              #
 #################################################################################
 
-def optimizer_state(opt, model, sharded):
-    """Full optimizer state: plain state_dict when replicated; gathered from the FSDP2 shards otherwise."""
-    if not sharded:
+def optimizer_state(opt, model):
+    """The full optimizer state keyed by parameter name (torch.distributed.checkpoint's full state dict): gathered
+    from the FSDP2 shards when sharded, so a checkpoint resumes under any world size. Other optimizer classes
+    (bitsandbytes) keep their own state_dict."""
+    if not isinstance(opt, torch.optim.AdamW):
         return opt.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_optimizer(opt, model, state, sharded):
-    if not sharded:
+def load_optimizer(opt, model, state):
+    """Inverse of optimizer_state, before the first backward (the parameters have no gradients yet)."""
+    if not isinstance(opt, torch.optim.AdamW):
         opt.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -486,7 +489,7 @@ def parse(prog, argv, select, modules, default_preset, description):
     --preset a row of PRESETS whose values become the defaults (shown by --help), and the flags derive from
     piflow.PiIDConfig, TrainConfig and the module's Options. Returns (args, cfg, tc, opts, settings, module)."""
     import importlib
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = common.hyphenate(sys.argv[1:] if argv is None else argv)
     presets = sorted(k for k, v in PRESETS.items() if v.get(select) in modules)
     pre = argparse.ArgumentParser(prog=prog, add_help=False)
     pre.add_argument("--preset", choices=presets, default=None)
