@@ -3,6 +3,7 @@
     UserError, user_errors(prog)    a mistake in what the user asked for -> one line on stderr, exit 2 (main only)
     add_flags(parser, cls, ...)     argparse flags derived from a dataclass (help = the field's comment)
     load_tensors(path, what)        torch.load(weights_only=True): a file that needs unpickling is refused
+    hub_file(repo, filename, ...)   a hub file, the cache first; offline / missing: one line naming the id
     save_atomic(path, write)        write a temporary file in the same folder, fsync, then os.replace
     publish_dir(path, write)        write a folder as a new version, then switch the `path` symlink atomically
     RunLock(folder)                 an exclusive lock on an output folder (a second run is refused)
@@ -139,6 +140,33 @@ def load_tensors(path, what):
         kind = "needs unpickling, which can run code; refused" if "weights_only" in str(e) or \
             "Unsupported global" in str(e) else f"is not a readable checkpoint ({type(e).__name__})"
         raise UserError(f"{what}={path!r} {kind}") from None
+
+
+def hub_file(repo, filename, what, spec):
+    """hf_hub_download, the cache first. HF_HUB_OFFLINE, an unreachable hub or a missing file: one UserError at
+    once naming `what`={spec} (the host is resolved before any download, so huggingface_hub's retry loop never
+    starts)."""
+    import socket
+    import urllib.parse
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+    where, host = f"{what}={spec!r} (not a local path; hub {repo}/{filename})", urllib.parse.urlparse(
+        constants.ENDPOINT).hostname
+    try:
+        try:
+            return huggingface_hub.hf_hub_download(repo, filename, local_files_only=True)
+        except errors.LocalEntryNotFoundError:
+            if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", ""):
+                raise UserError(f"{where} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; download it "
+                                "online first, or pass a local path") from None
+        try:
+            socket.getaddrinfo(host, 443)
+        except OSError:
+            raise UserError(f"{where} is not cached and {host} cannot be reached (offline?); connect, set "
+                            "HF_ENDPOINT, or pass a local path") from None
+        return huggingface_hub.hf_hub_download(repo, filename)
+    except (errors.HfHubHTTPError, OSError, ValueError) as e:                # missing file / repo, bad id, ...
+        raise UserError(f"{where}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
 def save_atomic(path, write):

@@ -5,6 +5,7 @@
     python sample.py --model imagenet --help          # every model has its own options, shown with their defaults
     python sample.py --model imagenet --ckpt gmrepa_k32_imagenet_piid_1step --class-labels 207 360 387 974
     python sample.py --model flux --adapter Lakonik/pi-FLUX.1:gmflux_k8_piid_4step --prompt "a cat"
+    python sample.py --model flux2 --prompt "make it night" --image street.png     # FLUX.2 editing
 
 Every model writes one labelled PNG grid (default samples/<model>_nfe<NFE>.png); the output path is checked
 before any work. The schedule (shift, final-step scale, substeps) comes from the student's training settings;
@@ -19,7 +20,8 @@ import torch
 
 import common
 
-MODELS = {"toy": "toy", "imagenet": "sit", "flux": "t2i", "qwen": "t2i"}   # --model -> the module that attaches it
+MODELS = {"toy": "toy", "imagenet": "sit", "flux": "pipelines", "flux2": "pipelines", "qwen": "pipelines",
+          "sd3": "pipelines"}                              # --model -> the module that samples it
 
 
 def parser_for(model):

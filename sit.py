@@ -25,6 +25,7 @@ from diffusers import DiTTransformer2DModel
 from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings
 
 import common
+import metrics
 import piflow
 
 VAE_ID, HUB, WEIGHTS = "stabilityai/sd-vae-ft-ema", "Lakonik/pi-Flow-ImageNet", "diffusion_pytorch_model.safetensors"
@@ -155,32 +156,6 @@ def with_schedule(student, t_scale, cfg):
 #                                   Loading                                     #
 #################################################################################
 
-def hub_file(repo, filename, what, spec):
-    """hf_hub_download, the cache first. HF_HUB_OFFLINE, an unreachable hub or a missing file: one UserError at
-    once (the host is resolved before any download, so huggingface_hub's retry loop never starts)."""
-    import socket
-    import urllib.parse
-    import huggingface_hub
-    from huggingface_hub import constants, errors
-    where, host = f"{what}={spec!r} (not a local path; hub {repo}/{filename})", urllib.parse.urlparse(
-        constants.ENDPOINT).hostname
-    try:
-        try:
-            return huggingface_hub.hf_hub_download(repo, filename, local_files_only=True)
-        except errors.LocalEntryNotFoundError:
-            if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", ""):
-                raise common.UserError(f"{where} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
-                                       "download it online first, or pass a local path") from None
-        try:
-            socket.getaddrinfo(host, 443)
-        except OSError:
-            raise common.UserError(f"{where} is not cached and {host} cannot be reached (offline?); connect, set "
-                                   "HF_ENDPOINT, or pass a local path") from None
-        return huggingface_hub.hf_hub_download(repo, filename)
-    except (errors.HfHubHTTPError, OSError, ValueError) as e:                # missing file / repo, bad id, ...
-        raise common.UserError(f"{where}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-
-
 def resolve(spec, what):
     """A checkpoint spec -> a local file or folder (hub folders: config.json + the safetensors, fetched)."""
     if os.path.exists(spec):
@@ -195,10 +170,10 @@ def resolve(spec, what):
         raise common.UserError(f"{what}={spec!r}: no such file or folder; expected a local path, a known id "
                                f"({', '.join(KNOWN)}), owner/repo:subfolder or hf://owner/repo/path")
     if path.endswith((".pt", ".pth", ".bin", ".safetensors")):
-        return hub_file(repo, path, what, spec)
+        return common.hub_file(repo, path, what, spec)
     prefix = path + "/" if path else ""
-    hub_file(repo, prefix + WEIGHTS, what, spec)
-    return os.path.dirname(hub_file(repo, prefix + "config.json", what, spec))
+    common.hub_file(repo, prefix + WEIGHTS, what, spec)
+    return os.path.dirname(common.hub_file(repo, prefix + "config.json", what, spec))
 
 
 def read_weights(path, what, trust=False):
@@ -497,6 +472,8 @@ class Options:
     grad_checkpointing: bool = False    # recompute the student's blocks in the backward pass (less memory)
     vae: str = VAE_ID                   # SD-VAE of the latents: recorded in the export, sample.py decodes with it
     trust_checkpoint: bool = False      # unpickle .pt files fully (only files you trust; default: weights only)
+    eval_ref: str = ""                  # reference .npz (ADM: arr_0 images / mu, sigma): FID + IS at --eval-every
+    eval_samples: int = 1000            # samples of that FID (a proxy at this n, not FID-50k)
 
     def __post_init__(self):
         for name, ok, accepted in [("policy", self.policy in ("gm", "dx"), "gm or dx"), ("K", self.K >= 1, ">= 1"),
@@ -539,7 +516,11 @@ class SiTAttachment:
         self.net = nn.Module.to(net, device, dtype)                       # (ModelMixin.to warns on any dtype)
         null = torch.tensor([self.num_classes], device=device)
         self.teacher = piflow.guided_teacher(as_teacher(self.net, conv), tc.guidance, null, tuple(tc.guidance_interval))
-        self._ref = None
+        self._ref, self.fid = None, None
+        if opts.eval_ref:                                                 # rank 0 evaluates: no collective
+            import metrics
+            self.fid = metrics.ImageMetrics(opts.eval_ref, "--eval-ref", device, sync=False), load_vae(opts.vae,
+                                                                                                      device)
 
     def trainable(self):
         return dict(self.student.named_parameters())
@@ -565,7 +546,14 @@ class SiTAttachment:
                 self._ref = noise, y, toy.teacher_euler(self.teacher, noise, y, teacher_steps)
             noise, y, x_teacher = self._ref
             x = piflow.sample(student, noise, y)
-        return {"align": float((x.float() - x_teacher.float()).pow(2).mean())}
+        out = {"align": float((x.float() - x_teacher.float()).pow(2).mean())}
+        if self.fid:                        # + FID / IS of --eval-samples images (labels i mod classes), seed 0
+            (m, vae), n = self.fid, self.opts.eval_samples
+            m.reset()
+            m.update(generate(student, vae, np.arange(n), np.arange(n) % self.num_classes, argparse.Namespace(
+                batch_size=32, seed=0, temperature=None, total_substeps=None), None, self.device))
+            out.update(m.compute())
+        return out
 
     def export(self, path, ema):
         """The released student format: a folder with config.json + diffusion_pytorch_model.safetensors."""
@@ -592,6 +580,8 @@ def add_sample_flags(p, model="imagenet"):
             ("--npz", dict(default=None), "instead of a grid: --num-samples images (labels i mod 1000) as an ADM npz, "
              "uint8 arr_0 (N, H, W, 3); under torchrun each rank samples a block"),
             ("--num-samples", dict(type=int, default=50000), "images in the --npz"),
+            ("--eval", dict(default=None), "reference .npz (ADM: arr_0 images / mu, sigma): FID + IS of the "
+             "--num-samples images (metrics.py), in-process; under torchrun every rank measures its block"),
             ("--batch-size", dict(type=int, default=32), "samples per student call"),
             ("--total-substeps", dict(type=int, default=None), "rollout substeps per unit time; None = the student's"),
             ("--vae", dict(default=None), f"SD-VAE, hub id or folder; None = the student's, else {VAE_ID}"),
@@ -632,9 +622,9 @@ def write_npz(path, parts, n):
 
 
 def sample_grid(args):
-    """sample.py --model imagenet: one grid row per --class-labels entry, or the --npz (labels i mod num_classes;
-    under torchrun rank r samples the r-th contiguous block, rank 0 writes the file). Any batch or world size gives
-    the same images (see generate)."""
+    """sample.py --model imagenet: one grid row per --class-labels entry, or the --npz and / or --eval FID (labels
+    i mod num_classes; under torchrun rank r samples the r-th contiguous block, rank 0 writes the file). Any batch or
+    world size gives the same images (see generate)."""
     for name, ok, accepted in [("per_class", args.per_class >= 1, ">= 1"), ("num_samples", args.num_samples >= 1,
                                ">= 1"), ("batch_size", args.batch_size >= 1, ">= 1"), ("total_substeps",
                                (args.total_substeps or 1) >= 1, ">= 1"), ("t_scale", args.t_scale >= 0, ">= 0"),
@@ -652,12 +642,13 @@ def sample_grid(args):
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
     try:
+        metric = metrics.ImageMetrics(args.eval, "--eval", device) if args.eval else None
         student = load_student(args.ckpt, "--ckpt", args.trust_checkpoint, args.t_scale).to(device)
         ncls, nfe = student.config.num_embeds_ada_norm, args.nfe or student.piid_config.nfe
-        if not args.npz and not all(0 <= c < ncls for c in args.class_labels):
+        if not (args.npz or args.eval) and not all(0 <= c < ncls for c in args.class_labels):
             raise common.UserError(f"--class-labels={args.class_labels} is not accepted; expected ids in [0, {ncls})")
         vae = load_vae(args.vae or student.vae or VAE_ID, device)
-        if not args.npz:                                                  # the grid: rank 0 alone
+        if not (args.npz or args.eval):                                   # the grid: rank 0 alone
             labels, k = np.repeat(args.class_labels, args.per_class), args.per_class
             imgs = generate(student, vae, np.arange(len(labels) if rank == 0 else 0), labels, args, nfe, device)
             rows = [list(imgs[i * k:(i + 1) * k]) for i in range(len(args.class_labels))] if rank == 0 else None
@@ -665,15 +656,23 @@ def sample_grid(args):
                         title=f"{args.ckpt}: NFE {nfe}, seed {args.seed}")
         n, parts = args.num_samples, [f"{args.npz}.part{r}.npy" for r in range(world)]
         idx = np.arange(rank * n // world, (rank + 1) * n // world)
-        save_npy(parts[rank], generate(student, vae, idx, idx % ncls, args, nfe, device))
+        images = generate(student, vae, idx, idx % ncls, args, nfe, device)
+        result = dict(nfe=nfe)
+        if metric:
+            metric.update(images)
+            result.update(metric.compute())                               # states summed over the ranks
+        if metric and rank == 0:
+            print(f"{args.ckpt}: NFE {nfe}, {n} samples: FID {result['fid']:.3f}, IS {result['is']:.2f} (--eval)")
+        if args.npz:
+            save_npy(parts[rank], images)
         if dist:
             dist.barrier()
-        if rank == 0:
+        if rank == 0 and args.npz:
             write_npz(args.npz, [np.load(f, mmap_mode="r") for f in parts], n)
             for f in parts:
                 os.remove(f)
             print(f"wrote {args.npz}: {n} samples, NFE {nfe}")
-        return dict(nfe=nfe)
+        return result
     finally:
         if dist:
             dist.barrier()

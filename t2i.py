@@ -1,30 +1,33 @@
-"""Text-to-image π-Flow students (FLUX.1-dev, Qwen-Image): the trainer.py attachment, adapters and sampling.
+"""Text-to-image π-Flow students on stock diffusers transformers: the per-model table, the student, adapter files.
 
-    python train_t2i.py --model flux --prompts prompts.txt --out runs/piflux           # Table 9, data-free (Alg. 3)
-    python sample.py --model flux --adapter Lakonik/pi-FLUX.1:gmflux_k8_piid_4step --prompt "a cat"
-    python sample.py --model qwen --adapter runs/piqwen/adapter --prompts prompts.txt --nfe 4
+    FAMILIES            one row per base model (FLUX.1, FLUX.2, Qwen-Image, SD3 / SD3.5): classes, latent layout,
+                        forward call, LoRA targets, text encoding, VAE normalisation, guidance kind
+    T2IStudent          student(x_t, sigma, cond) -> policy; teacher(x_t, sigma, cond) -> u (the base, LoRA off)
+    KNOWN               the released adapters: hub location and training NFE
+    read_adapter, student_from_adapter, write_adapter    the published adapter layout (config.json + safetensors)
+    encode_prompts, make_cond, decode, encode_images     conditioning and latents, with the base pipeline's pieces
 
 The student is the stock diffusers transformer (its own forward, never a copy) with
-  * a GM head (§3.2, App. C.1): proj_out replaced by proj_out_means / proj_out_logweights / proj_out_logstds
-    (piflow.add_gm_head), initialised from the teacher's proj_out on (c, ph, pw) tokens (piflow.init_gm_head,
-    channel-first); or a DX head (§3.1): proj_out widened N times (piflow.widen_from_teacher);
-  * peft LoRA (alpha = r) on the published target lists, and a trainable norm_out (recipe §6.2-6.4).
-The teacher is the same module with the LoRA switched off and frozen copies of the original norm_out / proj_out, so
-the 12-20 B trunk exists once (recipe §4.9). Adapters use the published layout: config.json (the head sizes) and
-diffusion_pytorch_model.safetensors (fp16 EMA tensors, metadata policy_config and, for ours, piid_config: the
-training schedule sample.py keeps). Everything that differs between base models is one row of FAMILIES.
+  * a policy head on the input h (B, L, D) of its proj_out, read by a forward hook (the model's own output is not
+    used, so the head works whatever follows proj_out, e.g. SD3's unpatchify): GM (§3.2, App. C.1): proj_out_means
+    / proj_out_logweights / proj_out_logstds (piflow.add_gm_head), initialised from the teacher's proj_out
+    (piflow.init_gm_head); or DX (§3.1): proj_out widened N times (piflow.widen_from_teacher);
+  * a peft LoRA named 'piflow' (alpha = r; recipe §6.2-6.4) and a trainable norm_out.
+The teacher is the same module with every LoRA switched off and frozen copies of the original norm_out (and for DX
+proj_out), so the 12-32 B trunk exists once (recipe §4.9). The latent x (B, C, H, W) is what the policy sees; each
+row's call packs it with the diffusers pipeline's own helpers (FluxPipeline._pack_latents, ids, ...).
 
 Caches (prompt embeddings, data latents) are plain tensor files read with torch.load(weights_only=True):
-    prompts [str], model str, max_text_len int, prompt_embeds (P, L, D_txt), + the family's cond_keys
-    (FLUX: pooled (P, D_pool); Qwen: mask (P, L)), Qwen: negative_embeds (1, L, D_txt), negative_mask (1, L),
+    prompts [str], model str, max_text_len int, prompt_embeds (P, L, D_txt), + the row's cond_keys (FLUX.1 / SD3:
+    pooled (P, D_pool); Qwen: mask (P, L)), for a CFG teacher negative_<key> (1, ...) of the empty prompt,
     data-dependent: latents (P, C, H/8, W/8) (normalised VAE latents, recipe §9).
 """
 import contextlib
 import copy
 import dataclasses
+import inspect
 import json
 import os
-import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -37,52 +40,80 @@ from einops import rearrange
 import common
 import piflow
 
-WEIGHTS, VAE_SCALE = "diffusion_pytorch_model.safetensors", 8
+WEIGHTS, VAE_SCALE, LORA = "diffusion_pytorch_model.safetensors", 8, "piflow"   # LORA: the student's adapter name
 
 
 #################################################################################
-#                      The base models: one row per family                      #
+#                   The base models: one row per model family                   #
 #################################################################################
 
-def _flux_call(tr, tokens, sigma, cond, h, w):
-    """FluxTransformer2DModel on packed tokens (integration.md §2.2): ids [0, row, col]; guidance is an input."""
-    ids = torch.zeros(h, w, 3, device=tokens.device)
-    ids[..., 1] = torch.arange(h, device=tokens.device)[:, None]
-    ids[..., 2] = torch.arange(w, device=tokens.device)[None, :]
-    txt = cond["prompt_embeds"]
-    return tr(hidden_states=tokens, encoder_hidden_states=txt, pooled_projections=cond["pooled"], timestep=sigma,
-              img_ids=ids.view(-1, 3), txt_ids=txt.new_zeros(txt.shape[1], 3), guidance=cond["guidance"],
-              return_dict=False)[0]
+def _flux_call(tr, x, sigma, cond):
+    """FluxTransformer2DModel: (c, ph, pw) tokens and ids [0, row, col] (FluxPipeline's helpers); sigma and the
+    distilled guidance are inputs (the model scales both by 1000)."""
+    from diffusers import FluxPipeline as P
+    (B, C, H, W), txt = x.shape, cond["prompt_embeds"]
+    return tr(hidden_states=P._pack_latents(x, B, C, H, W), encoder_hidden_states=txt,
+              pooled_projections=cond["pooled"], timestep=sigma,
+              img_ids=P._prepare_latent_image_ids(B, H // 2, W // 2, x.device, x.dtype),
+              txt_ids=txt.new_zeros(txt.shape[1], 3), guidance=cond["guidance"], return_dict=False)[0]
 
 
-def _qwen_call(tr, tokens, sigma, cond, h, w):
-    """QwenImageTransformer2DModel on packed tokens; the zero padding past the longest prompt is dropped."""
-    L = max(int(cond["mask"].sum(1).max()), 1)
-    return tr(hidden_states=tokens, encoder_hidden_states=cond["prompt_embeds"][:, :L],
+def _flux2_call(tr, x, sigma, cond):
+    """Flux2Transformer2DModel: 2x2-patchified (c, ph, pw) tokens with (t, h, w, l) ids (Flux2Pipeline's helpers).
+    Editing (integration.md Addendum): reference tokens cond['ref_tokens'] (B, Lr, 4C) with their own ids
+    cond['ref_ids'] are appended after the generated tokens; the student keeps the first H W / 4 outputs."""
+    from diffusers import Flux2Pipeline as P
+    z, txt = P._patchify_latents(x), cond["prompt_embeds"]
+    tokens, ids = P._pack_latents(z), P._prepare_latent_ids(z).to(x.device)
+    if "ref_tokens" in cond:
+        tokens, ids = torch.cat([tokens, cond["ref_tokens"]], 1), torch.cat([ids, cond["ref_ids"]], 1)
+    return tr(hidden_states=tokens, encoder_hidden_states=txt, timestep=sigma, guidance=cond["guidance"],
+              img_ids=ids, txt_ids=P._prepare_text_ids(txt).to(x.device), return_dict=False)[0]
+
+
+def _qwen_call(tr, x, sigma, cond):
+    """QwenImageTransformer2DModel on (c, ph, pw) tokens; the zero padding past the longest prompt is dropped."""
+    from diffusers import QwenImagePipeline as P
+    (B, C, H, W), L = x.shape, max(int(cond["mask"].sum(1).max()), 1)
+    return tr(hidden_states=P._pack_latents(x, B, C, H, W), encoder_hidden_states=cond["prompt_embeds"][:, :L],
               encoder_hidden_states_mask=cond["mask"][:, :L], timestep=sigma,
-              img_shapes=[[(1, h, w)]] * tokens.shape[0], return_dict=False)[0]
+              img_shapes=[[(1, H // 2, W // 2)]] * B, return_dict=False)[0]
 
 
-def _flux_lora(tr, policy):
-    """Published FLUX targets (recipe §6.2): with a GM head the root proj_out is gone, so 'proj_out' hits the single
-    blocks only; a DX head keeps it (widened), so they are named one by one (§6.4)."""
-    t = ["proj_mlp", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
-         "timestep_embedder.linear_1", "timestep_embedder.linear_2"]
-    if policy == "gm":
-        return t + ["proj_out"]
-    return t + [f"single_transformer_blocks.{i}.proj_out" for i in range(len(tr.single_transformer_blocks))]
+def _sd3_call(tr, x, sigma, cond):
+    """SD3Transformer2DModel: unpacked latents (2x2 patches inside the model), timestep 1000 sigma (as
+    StableDiffusion3Pipeline passes the scheduler's timesteps)."""
+    return tr(hidden_states=x, encoder_hidden_states=cond["prompt_embeds"], pooled_projections=cond["pooled"],
+              timestep=sigma * 1000, return_dict=False)[0]
 
 
-def _qwen_lora(tr, policy):
-    """Published Qwen-Image targets (recipe §6.3): the last block's txt_mlp output is unused, so it is left out."""
-    n = len(tr.transformer_blocks)
-    return (["img_mlp.net.0.proj", "img_mlp.net.2", "timestep_embedder.linear_1", "timestep_embedder.linear_2"] +
-            [f"transformer_blocks.{i}.txt_mlp.net.{j}" for i in range(n - 1) for j in ("0.proj", "2")])
+def _linears(tr, suffixes, skip=()):
+    """LoRA targets: names of tr's nn.Linear modules ending in one of `suffixes` (never the root proj_out)."""
+    return [n for n, m in tr.named_modules() if isinstance(m, nn.Linear) and n.endswith(suffixes) and n not in skip]
+
+
+TIME = (".timestep_embedder.linear_1", ".timestep_embedder.linear_2")
+# Published FLUX targets (recipe §6.2): feed-forwards + the single blocks' fused proj_out; Qwen (§6.3): the last
+# block's txt_mlp output is unused, so it is left out. FLUX.2 / SD3 (ours): the same modules in their naming.
+_flux_lora = lambda tr: _linears(tr, (".proj_mlp", ".proj_out", ".ff.net.0.proj", ".ff.net.2", ".ff_context.net.0.proj",
+                                      ".ff_context.net.2") + TIME)
+_flux2_lora = lambda tr: _linears(tr, (".ff.linear_in", ".ff.linear_out", ".ff_context.linear_in",
+                                       ".ff_context.linear_out", ".attn.to_qkv_mlp_proj", ".attn.to_out") + TIME)
+_qwen_lora = lambda tr: _linears(tr, (".img_mlp.net.0.proj", ".img_mlp.net.2", ".txt_mlp.net.0.proj",
+                                      ".txt_mlp.net.2") + TIME,
+                                 {f"transformer_blocks.{len(tr.transformer_blocks) - 1}.txt_mlp.net.{j}"
+                                  for j in ("0.proj", "2")})
+_sd3_lora = lambda tr: _linears(tr, (".ff.net.0.proj", ".ff.net.2", ".ff_context.net.0.proj", ".ff_context.net.2")
+                                + TIME)
 
 
 def _flux_encode(pipe, prompts, device, max_len):
     e, pooled, _ = pipe.encode_prompt(prompts, prompt_2=None, device=device, max_sequence_length=max_len)
     return {"prompt_embeds": e, "pooled": pooled}
+
+
+def _flux2_encode(pipe, prompts, device, max_len):
+    return {"prompt_embeds": pipe.encode_prompt(prompts, device=device, max_sequence_length=max_len)[0]}
 
 
 def _qwen_encode(pipe, prompts, device, max_len):
@@ -92,8 +123,14 @@ def _qwen_encode(pipe, prompts, device, max_len):
     return {"prompt_embeds": F.pad(e, (0, 0, 0, max_len - e.shape[1])), "mask": F.pad(m, (0, max_len - e.shape[1]))}
 
 
+def _sd3_encode(pipe, prompts, device, max_len):
+    e, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device, do_classifier_free_guidance=False,
+                                         max_sequence_length=max_len)
+    return {"prompt_embeds": e, "pooled": pooled}
+
+
 def _shift_scale(vae, z, inverse=False):
-    """FLUX VAE normalisation: x = (z - shift_factor) * scaling_factor."""
+    """FLUX.1 / SD3 VAE normalisation: x = (z - shift_factor) * scaling_factor."""
     s, b = vae.config.scaling_factor, vae.config.shift_factor or 0.0
     return z / s + b if inverse else (z - b) * s
 
@@ -105,38 +142,64 @@ def _mean_std(vae, z, inverse=False):
     return z * std + mean if inverse else (z - mean) / std
 
 
+def _flux2_bn(vae, z, inverse=False):
+    """FLUX.2 VAE normalisation: the VAE's batch-norm statistics on 2x2-patchified latents (Flux2Pipeline)."""
+    from diffusers import Flux2Pipeline as P
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(z)
+    std = (vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).sqrt().to(z)
+    z = P._patchify_latents(z)
+    return P._unpatchify_latents(z * std + mean if inverse else (z - mean) / std)
+
+
 @dataclass(frozen=True)
 class Family:
     repo: str                  # default base: hub id or local diffusers folder
+    pipeline: str              # diffusers pipeline: encode_prompt, VAE, image processor, offloading, LoRA loading
     transformer: str           # diffusers transformer class
     vae: str                   # diffusers VAE class
-    pipeline: str              # diffusers pipeline whose encode_prompt makes the text embeddings
     gm_class: str              # adapter config _class_name of a GM / DX student (the published names)
     dx_class: str
-    adapter: str               # published default adapter (sample.py)
-    guidance: str              # 'distilled': the scale is a model input of teacher and student; 'cfg': teacher CFG
+    adapter: Optional[str]     # default adapter of sample.py (a KNOWN id), None: no released one
+    guidance: str              # 'distilled': a model input of teacher and student; 'cfg': teacher CFG (negative)
+    guidance_scale: Optional[float]  # distilled: the scale the released adapters need (recipe §4.8)
     cond_keys: Tuple[str, ...]  # cache tensors besides prompt_embeds that the transformer takes
     channels: int              # latent channels C
-    patch: int                 # p: p x p latent pixels per token, packed (c, ph, pw)
+    patch: int                 # p: p x p latent pixels per token
+    channel_last: bool         # token layout (ph, pw, c) (SD3's unpatchify) or (c, ph, pw) (FLUX / Qwen packing)
+    logweights: int            # default logweights_channels: p^2 (one GM weight per pixel) or 1 (per token)
+    max_text_len: int          # text tokens of the base pipeline
     video_vae: bool            # the VAE takes (B, C, T, H, W)
-    call: Callable             # call(tr, tokens (B, L, p^2 C), sigma (B,), cond, h, w) -> (B, L, *)
-    lora: Callable             # lora(tr, policy) -> LoRA target names (integration.md §3.2)
+    call: Callable             # call(tr, x (B, C, H, W), sigma (B,), cond) -> the transformer's output
+    lora: Callable             # lora(tr) -> LoRA target names (integration.md §3.2)
     encode: Callable           # encode(pipe, prompts, device, max_len) -> {name: (n, ...) tensor}
     normalise: Callable        # normalise(vae, z, inverse=False): VAE latent <-> normalised latent
 
 
 FAMILIES = {
-    "flux": Family("black-forest-labs/FLUX.1-dev", "FluxTransformer2DModel", "AutoencoderKL", "FluxPipeline",
-                   "GMFluxTransformer2DModel", "DXFluxTransformer2DModel", "Lakonik/pi-FLUX.1:gmflux_k8_piid_4step",
-                   "distilled", ("pooled",), 16, 2, False, _flux_call, _flux_lora, _flux_encode, _shift_scale),
-    "qwen": Family("Qwen/Qwen-Image", "QwenImageTransformer2DModel", "AutoencoderKLQwenImage", "QwenImagePipeline",
-                   "GMQwenImageTransformer2DModel", "DXQwenImageTransformer2DModel",
-                   "Lakonik/pi-Qwen-Image:gmqwen_k8_piid_4step", "cfg", ("mask",), 16, 2, True, _qwen_call,
-                   _qwen_lora, _qwen_encode, _mean_std),
+    "flux": Family("black-forest-labs/FLUX.1-dev", "FluxPipeline", "FluxTransformer2DModel", "AutoencoderKL",
+                   "GMFluxTransformer2DModel", "DXFluxTransformer2DModel", "gmflux_k8_piid_4step", "distilled", 3.5,
+                   ("pooled",), 16, 2, False, 4, 512, False, _flux_call, _flux_lora, _flux_encode, _shift_scale),
+    "flux2": Family("black-forest-labs/FLUX.2-dev", "Flux2Pipeline", "Flux2Transformer2DModel", "AutoencoderKLFlux2",
+                    "GMFlux2Transformer2DModel", "DXFlux2Transformer2DModel", "gmflux2_k8_piid_4step", "distilled",
+                    4.0, (), 32, 2, False, 1, 512, False, _flux2_call, _flux2_lora, _flux2_encode, _flux2_bn),
+    "qwen": Family("Qwen/Qwen-Image", "QwenImagePipeline", "QwenImageTransformer2DModel", "AutoencoderKLQwenImage",
+                   "GMQwenImageTransformer2DModel", "DXQwenImageTransformer2DModel", "gmqwen_k8_piid_4step", "cfg",
+                   None, ("mask",), 16, 2, False, 4, 512, True, _qwen_call, _qwen_lora, _qwen_encode, _mean_std),
+    "sd3": Family("stabilityai/stable-diffusion-3.5-large", "StableDiffusion3Pipeline", "SD3Transformer2DModel",
+                  "AutoencoderKL", "GMSD3Transformer2DModel", "DXSD3Transformer2DModel", None, "cfg", None,
+                  ("pooled",), 16, 2, True, 4, 256, False, _sd3_call, _sd3_lora, _sd3_encode, _shift_scale),
 }
-FLUX_GUIDANCE = 3.5        # the distilled guidance the pi-FLUX.1 adapters were trained with (recipe §4.8)
-NEGATIVE_PROMPT = ""       # Qwen-Image CFG negative: the empty prompt (recipe §4.8)
-PUBLISHED = dict(shift=3.2, final_step_scale=0.5)   # schedule of the published adapters (recipe §8); NFE: their name
+NEGATIVE_PROMPT = ""       # CFG teachers' negative: the empty prompt (recipe §4.8)
+PUBLISHED = dict(shift=3.2, final_step_scale=0.5)   # schedule of every released adapter (recipe §8)
+# Released adapters (recipe §9, integration.md Addendum): id (= hub subfolder) -> (hub repo, model, training NFE)
+KNOWN = {"gmflux_k8_piid_4step": ("Lakonik/pi-FLUX.1", "flux", 4),
+         "gmflux_k8_datafree_piid_4step": ("Lakonik/pi-FLUX.1", "flux", 4),
+         "gmflux_k8_piid_8step": ("Lakonik/pi-FLUX.1", "flux", 8),
+         "dxflux_n10_piid_4step": ("Lakonik/pi-FLUX.1", "flux", 4),
+         "gmqwen_k8_piid_4step": ("Lakonik/pi-Qwen-Image", "qwen", 4),
+         "gmqwen_k8_datafree_piid_4step": ("Lakonik/pi-Qwen-Image", "qwen", 4),
+         "dxqwen_n10_piid_4step": ("Lakonik/pi-Qwen-Image", "qwen", 4),
+         "gmflux2_k8_piid_4step": ("Lakonik/pi-FLUX.2", "flux2", 4)}
 
 
 #################################################################################
@@ -152,106 +215,121 @@ class Head:
     logstd_inner_dim: int = 1024
     logstd_layers: int = 2                  # gm_num_logstd_layers
     constant_logstd: Optional[float] = None
-    logweights_channels: int = 4            # p^2: one weight per pixel; 1: one per token
-
-
-def _features(h):
-    """The GM student's proj_out: a plain function (not a module, so peft's 'proj_out' target skips it)."""
-    return h
+    logweights_channels: Optional[int] = None   # p^2: one weight per pixel; 1: one per token; None: the row's
 
 
 class T2IStudent(nn.Module):
     """student(x_t (B, C, H, W), sigma (B,), cond) -> piflow.GMPolicy / DXPolicy; teacher(x_t, sigma, cond) -> u.
 
-    cond: {'prompt_embeds' (B, L, D_txt)} + FLUX 'pooled' (B, D_pool), 'guidance' (B,) | Qwen 'mask' (B, L).
+    cond: {'prompt_embeds' (B, L, D_txt)} + the row's cond_keys, + 'guidance' (B,) for a distilled-guidance row.
+    teacher=False (inference) keeps no teacher copies; init=False skips the head initialisation (an adapter follows).
     """
 
-    def __init__(self, fam, tr, head, dtype, dx_policy):
+    def __init__(self, fam, tr, head, dtype, dx_policy, teacher=True, init=True):
         super().__init__()
+        head = dataclasses.replace(head, logweights_channels=head.logweights_channels or fam.logweights)
         self.fam, self.head, self.dtype = fam, head, dtype
-        self.teacher_norm_out = copy.deepcopy(tr.norm_out).requires_grad_(False)     # frozen teacher output layers
-        self.teacher_proj_out = copy.deepcopy(tr.proj_out).requires_grad_(False)
-        W, b = tr.proj_out.weight.detach().float(), tr.proj_out.bias.detach().float()  # (S C, D), S = p^2
-        C, S, D = fam.channels, fam.patch ** 2, W.shape[1]
-        if W.shape[0] != S * C:
-            raise common.UserError(f"the base transformer's proj_out has {W.shape[0]} outputs; a {fam.transformer} "
-                                   f"teacher has {S * C}")
-        del tr.proj_out
-        if head.policy == "gm":
+        lin, C, S = tr.proj_out, fam.channels, fam.patch ** 2
+        D, self.model_out = lin.in_features, lin.out_features                    # proj_out: D -> S C
+        if self.model_out != S * C:
+            raise common.UserError(f"the base transformer's proj_out has {self.model_out} outputs; a "
+                                   f"{fam.transformer} teacher has {S * C}")
+        if teacher:                                                             # frozen teacher output layers
+            self.teacher_norm_out = copy.deepcopy(tr.norm_out).requires_grad_(False)
+        W, b = (lin.weight.detach().float(), lin.bias.detach().float() if lin.bias is not None else
+                torch.zeros(self.model_out)) if init else (None, None)
+        if head.policy == "gm":                  # tr.proj_out stays: the teacher's, its input h feeds the head
             piflow.add_gm_head(tr, D, head.K, C, S, head.logweights_channels, tr.norm_out.linear.in_features,
                                head.logstd_inner_dim, head.logstd_layers, head.constant_logstd)
-            piflow.init_gm_head(tr, W, b, head.K, C, channel_last=False)
-            tr.proj_out = _features
+            if init:
+                piflow.init_gm_head(tr, W, b, head.K, C, fam.channel_last)
             self.policy_config = {"type": "GMFlow"}
         else:
-            tr.proj_out = nn.Linear(D, head.N * S * C)
-            with torch.no_grad():
-                for p, v in zip((tr.proj_out.weight, tr.proj_out.bias),
-                                piflow.widen_from_teacher(W, b, head.N, C, channel_last=False)):
-                    p.copy_(v)
+            if teacher:
+                self.teacher_proj_out = copy.deepcopy(lin).requires_grad_(False)
+            tr.proj_out = nn.Linear(D, head.N * S * C).to(lin.weight.device)
+            if init:
+                with torch.no_grad():
+                    for p, v in zip((tr.proj_out.weight, tr.proj_out.bias),
+                                    piflow.widen_from_teacher(W, b, head.N, C, fam.channel_last)):
+                        p.copy_(v)
             self.policy_config = dict(dx_policy, type="DX")       # segment_size, shift (recipe §3)
-        self.tr, self._temb, self._teacher = tr, None, False
+        self.tr, self._teacher, self._temb, self._h, self._out = tr, False, None, None, None
         tr.norm_out.register_forward_pre_hook(self._grab_temb)
         tr.norm_out.register_forward_hook(lambda m, args, out: self.teacher_norm_out(*args) if self._teacher else None)
-        if head.policy == "dx":
-            tr.proj_out.register_forward_hook(lambda m, args, out: self.teacher_proj_out(*args) if self._teacher
-                                              else None)
+        tr.proj_out.register_forward_hook(self._grab_out)
         tr.requires_grad_(False)
 
     def _grab_temb(self, module, args):
         self._temb = args[1]                                   # norm_out(h, temb): the logstd MLP reads temb
 
+    def _grab_out(self, module, args, out):
+        """proj_out(h): keep h (GM head input) and the output (DX grid / teacher u tokens); return the model's
+        own output shape (a DX proj_out is N times wider: its first copy) for whatever follows in the forward."""
+        self._h = args[0]
+        self._out = self.teacher_proj_out(args[0]) if self._teacher and self.head.policy == "dx" else out
+        return self._out[..., :self.model_out]
+
+    def heads(self):
+        """The policy head modules (outside the base model's own weights)."""
+        names = ("proj_out_means", "proj_out_logweights", "proj_out_logstds") if self.head.policy == "gm" else \
+            ("proj_out",)
+        return [getattr(self.tr, n) for n in names if hasattr(self.tr, n)]
+
     def add_lora(self, targets, rank, dropout):
         from peft import LoraConfig
         self.tr.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", lora_dropout=dropout,
-                                       target_modules=targets))
+                                       target_modules=targets), adapter_name=LORA)
 
     def trainable(self, train=None):
         """{published name: parameter} of LoRA, heads and norm_out (train=True/False also sets requires_grad)."""
-        heads = ("norm_out.", "proj_out_means.", "proj_out_logweights.", "proj_out_logstds.", "proj_out.")
+        heads = ("norm_out.", "proj_out_means.", "proj_out_logweights.", "proj_out_logstds.") + \
+            (("proj_out.",) if self.head.policy == "dx" else ())
         out = {}
         for n, p in self.tr.named_parameters():
-            if n.startswith(heads) or ".lora_" in n:
-                out[re.sub(r"\.(lora_[AB])\.default\.", r".\1.", n)] = p
+            if n.startswith(heads) or f".{LORA}." in n:
+                out[n.replace(f".{LORA}.", ".")] = p
         if train is not None:
             self.tr.requires_grad_(False)
             for p in out.values():
                 p.requires_grad_(train)
         return out
 
-    def pack(self, x):
-        p = self.fam.patch
-        return rearrange(x, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=p, pw=p)
-
     def unpack(self, tokens, H, W, copies):
-        """(B, L, copies * p^2 C') -> (B, copies, C', H, W): each token holds (copies, c, ph, pw)."""
+        """(B, L, copies p^2 C') -> (B, copies, C', H, W); a token holds (copies, c, ph, pw) or (ph, pw, copies, c)."""
         p = self.fam.patch
-        return rearrange(tokens, "b (h w) (k c ph pw) -> b k c (h ph) (w pw)", h=H // p, k=copies, ph=p, pw=p)
+        pattern = "(ph pw k c)" if self.fam.channel_last else "(k c ph pw)"
+        return rearrange(tokens, f"b (h w) {pattern} -> b k c (h ph) (w pw)", h=H // p, k=copies, ph=p, pw=p)
 
-    def trunk(self, x_t, sigma, cond):
-        """The diffusers forward on packed x_t -> output tokens (B, L, *) (the features, for a GM head)."""
-        H, W = x_t.shape[-2:]
+    def trunk(self, x_t, sigma, cond, out=False):
+        """The diffusers forward on x_t -> proj_out's input h (B, L, D) (out=True: its output), generated tokens."""
+        (H, W), p = x_t.shape[-2:], self.fam.patch
         cond = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in cond.items()}
-        return self.fam.call(self.tr, self.pack(x_t).to(self.dtype), sigma, cond, H // self.fam.patch,
-                             W // self.fam.patch)
+        y = self.fam.call(self.tr, x_t.to(self.dtype), sigma, cond)
+        t = (self._out if out else self._h)[:, :(H // p) * (W // p)]
+        # FSDP2 unshards a module for backward when the gradient reaches its output; the head reads proj_out's
+        # input, so the model's own output joins the graph with weight 0 (same values, same gradients)
+        return t + 0 * y.mean() if y.requires_grad else t
 
     def forward(self, x_t, sigma, cond):
         sigma = piflow.as_batch(sigma, x_t)
-        H, W, hd = x_t.shape[-2], x_t.shape[-1], self.head
-        out = self.trunk(x_t, sigma, cond)
+        (H, W), hd, p = x_t.shape[-2:], self.head, self.fam.patch
         if hd.policy == "dx":
-            grid = self.unpack(out, H, W, hd.N).float()                             # (B, N, C, H, W)
+            grid = self.unpack(self.trunk(x_t, sigma, cond, out=True), H, W, hd.N).float()     # (B, N, C, H, W)
             return piflow.DXPolicy(grid, x_t, sigma, self.policy_config["segment_size"], self.policy_config["shift"])
-        means = self.unpack(self.tr.proj_out_means(out), H, W, hd.K)                # (B, K, C, H, W)
-        logits = self.tr.proj_out_logweights(out)                                   # (B, L, K lw)
+        h = self.trunk(x_t, sigma, cond)
+        means = self.unpack(self.tr.proj_out_means(h), H, W, hd.K)                   # (B, K, C, H, W)
+        logits = self.tr.proj_out_logweights(h)                                     # (B, L, K lw)
         if hd.logweights_channels == 1:                                            # one weight per token
-            logits = logits.repeat_interleave(self.fam.patch ** 2, dim=-1)
-        logits = self.unpack(logits, H, W, hd.K)                                    # (B, K, 1, H, W)
+            logits = rearrange(logits, "b (h w) k -> b k 1 h w", h=H // p).repeat_interleave(p, -2) \
+                .repeat_interleave(p, -1)
+        else:
+            logits = self.unpack(logits, H, W, hd.K)                                # (B, K, 1, H, W)
         return piflow.gm_policy(means, logits, piflow.gm_logstds(self.tr, self._temb), x_t, sigma)
 
     @contextlib.contextmanager
     def teacher_mode(self):
-        """LoRA off and the original norm_out / proj_out. peft's own switch (enable_adapters) also flips
+        """Every LoRA off and the original norm_out / proj_out. peft's own switch (enable_adapters) also flips
         requires_grad, which FSDP2 caches at its first all-gather, so its flag is set directly."""
         from peft.tuners.tuners_utils import BaseTunerLayer
         lora = [m for m in self.tr.modules() if isinstance(m, BaseTunerLayer)]
@@ -270,9 +348,7 @@ class T2IStudent(nn.Module):
         """The base model's velocity u (B, C, H, W)."""
         sigma = piflow.as_batch(sigma, x_t)
         with self.teacher_mode():
-            out = self.trunk(x_t, sigma, cond)
-            if self.head.policy == "gm":
-                out = self.teacher_proj_out(out)
+            out = self.trunk(x_t, sigma, cond, out=True)
         return self.unpack(out, x_t.shape[-2], x_t.shape[-1], 1)[:, 0].float()
 
 
@@ -284,34 +360,52 @@ def _first_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
+def _load(what, base, thing, load):
+    """load() with one line for a missing / offline / unreadable base (diffusers' own error log line, which
+    would precede it, is held back while loading)."""
+    from diffusers.utils import logging
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.CRITICAL)
+    try:
+        return load()
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise common.UserError(f"{what}={base!r}: cannot load {thing} ({_first_line(e)}); give a local diffusers "
+                               "folder or a reachable hub id") from None
+    finally:
+        logging.set_verbosity(level)
+
+
 def load_pretrained(cls_name, base, subfolder, dtype, **kw):
     """A diffusers model (safetensors only) with a one-line error for a missing / offline / unreadable base."""
     import diffusers
-    try:
-        return getattr(diffusers, cls_name).from_pretrained(base, subfolder=subfolder, torch_dtype=dtype,
-                                                            use_safetensors=True, **kw)
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise common.UserError(f"--base={base!r}: cannot load {cls_name}{' from ' + subfolder if subfolder else ''} "
-                               f"({_first_line(e)}); give a local diffusers folder or a reachable hub id") from None
+    return _load("--base", base, f"{cls_name} from {subfolder}", lambda: getattr(diffusers, cls_name).from_pretrained(
+        base, subfolder=subfolder, dtype=dtype, use_safetensors=True, **kw))
+
+
+def load_pipeline(fam, base, dtype, text=True, what="--base", **kw):
+    """The base's diffusers pipeline (safetensors only); text=False leaves out the text encoders and tokenizers,
+    kw passes through (transformer=None, a pre-loaded or quantised transformer, quantization_config, ...)."""
+    import diffusers
+    cls = getattr(diffusers, fam.pipeline)
+    if not text:
+        kw.update({k: None for k in inspect.signature(cls.__init__).parameters
+                   if k.startswith(("text_encoder", "tokenizer"))})
+    return _load(what, base, fam.pipeline, lambda: cls.from_pretrained(base, dtype=dtype, use_safetensors=True, **kw))
 
 
 def adapter_file(spec, filename, flag):
-    """A file of an adapter: a local folder, or 'owner/repo:subfolder' on the hub (HF_HUB_OFFLINE respected)."""
+    """A file of an adapter: a local folder, a KNOWN id, or 'owner/repo:subfolder' (common.hub_file: the cache
+    first; offline or missing gives one line naming the id)."""
     if os.path.isdir(spec):
         path = os.path.join(spec, filename)
         if not os.path.isfile(path):
             raise common.UserError(f"{flag}={spec!r}: no {filename} in that folder")
         return path
-    repo, _, sub = spec.partition(":")
+    repo, _, sub = (KNOWN[spec][0], ":", spec) if spec in KNOWN else spec.partition(":")
     if os.path.exists(spec) or repo.count("/") != 1:
-        raise common.UserError(f"{flag}={spec!r} is not accepted; expected an adapter folder (config.json + {WEIGHTS})"
-                               " or 'owner/repo:subfolder' (e.g. Lakonik/pi-FLUX.1:gmflux_k8_piid_4step)")
-    from huggingface_hub import hf_hub_download
-    try:
-        return hf_hub_download(repo, filename, subfolder=sub or None)
-    except Exception as e:  # noqa: BLE001 - offline, unknown repo, network: all one line
-        raise common.UserError(f"{flag}={spec!r}: cannot fetch {filename} from the hub ({type(e).__name__}: "
-                               f"{_first_line(e)})") from None
+        raise common.UserError(f"{flag}={spec!r} is not accepted; expected an adapter folder (config.json + {WEIGHTS}),"
+                               f" a released id ({', '.join(KNOWN)}) or 'owner/repo:subfolder'")
+    return common.hub_file(repo, f"{sub.strip('/')}/{filename}" if sub else filename, flag, spec)
 
 
 def adapter_head(spec, model, flag):
@@ -334,7 +428,7 @@ def adapter_head(spec, model, flag):
     if policy == "gm":
         head = Head("gm", K=int(c.get("num_gaussians", 0)), logstd_inner_dim=int(c.get("logstd_inner_dim", 1024)),
                     logstd_layers=int(c.get("gm_num_logstd_layers", 2)), constant_logstd=c.get("constant_logstd"),
-                    logweights_channels=int(c.get("logweights_channels", S)))
+                    logweights_channels=int(c.get("logweights_channels", fam.logweights)))
         ok = head.K >= 1 and head.logstd_layers >= 1 and head.logweights_channels in (1, S)
     else:                                  # DX: out_channels * patch_size^2 = N p^2 C (stock names: widened)
         head = Head("dx", N=int(c.get("out_channels") or 0) * int(c.get("patch_size") or 1) ** 2 // (S * fam.channels))
@@ -344,17 +438,31 @@ def adapter_head(spec, model, flag):
     return head
 
 
-def read_adapter(spec, model, flag):
-    """(head, tensors by published name (a 'transformer.' prefix dropped), safetensors metadata, LoRA rank)."""
+def _safetensors(spec, flag, tensors=True):
+    """(metadata we read, {name: tensor} with a 'transformer.' prefix dropped, or None) of an adapter's weights."""
     from safetensors import safe_open
-    head, path = adapter_head(spec, model, flag), adapter_file(spec, WEIGHTS, flag)
+    path = adapter_file(spec, WEIGHTS, flag)
     try:
         with safe_open(path, "pt") as f:
-            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items() if k in ("policy_config", "piid_config")}
-            sd = {k[len("transformer."):] if k.startswith("transformer.") else k: f.get_tensor(k) for k in f.keys()}
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()
+                    if k in ("policy_config", "piid_config", "guidance")}
+            sd = {k[len("transformer."):] if k.startswith("transformer.") else k: f.get_tensor(k) for k in f.keys()} \
+                if tensors else None
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign file
         raise common.UserError(f"{flag}={spec!r}: {WEIGHTS} is not a readable safetensors file "
                                f"({_first_line(e)})") from None
+    return meta, sd
+
+
+def adapter_guidance(spec, model, flag):
+    """The guidance scale a distilled-guidance adapter was trained with (ours: metadata; released: the row's)."""
+    return _safetensors(spec, flag, tensors=False)[0].get("guidance", FAMILIES[model].guidance_scale)
+
+
+def read_adapter(spec, model, flag):
+    """(head, tensors by published name, safetensors metadata, LoRA rank)."""
+    head = adapter_head(spec, model, flag)
+    meta, sd = _safetensors(spec, flag)
     ranks = {v.shape[0] for k, v in sd.items() if ".lora_A." in k}
     if len(ranks) > 1:
         raise common.UserError(f"{flag}={spec!r}: LoRA ranks differ between modules ({sorted(ranks)}); expected "
@@ -362,14 +470,15 @@ def read_adapter(spec, model, flag):
     return head, sd, meta, ranks.pop() if ranks else 0
 
 
-def student_from_adapter(model, tr, spec, flag, dtype, dropout=0.0, adapter=None):
+def student_from_adapter(model, tr, spec, flag, dtype, dropout=0.0, adapter=None, teacher=True):
     """Our student on base `tr` with an adapter (read_adapter(spec, ...) unless given) loaded strictly: the head from
-    its config.json, LoRA targets and rank from its tensors, policy and schedule from its metadata (the published
-    ones have no piid_config: shift 3.2, final step 0.5, NFE from the name). Returns (student, head, rank, cfg)."""
+    its config.json, LoRA targets and rank from its tensors, policy, schedule and trained guidance from its metadata
+    (released adapters carry none: their KNOWN NFE, shift 3.2, final step 0.5, the row's guidance).
+    Returns (student, head, rank, cfg); student.piid_config = cfg, student.guidance = the trained guidance."""
     fam, (head, sd, meta, rank) = FAMILIES[model], adapter or read_adapter(spec, model, flag)
     pc = meta.get("policy_config") or {}
     dx = {k: pc.get(k, v) for k, v in (("segment_size", 1 / 3.5), ("shift", PUBLISHED["shift"]))}
-    student = T2IStudent(fam, tr, head, dtype, dx)
+    student = T2IStudent(fam, tr, head, dtype, dx, teacher=teacher, init=False)
     if rank:
         try:
             student.add_lora(sorted(k.rsplit(".lora_A.", 1)[0] for k in sd if ".lora_A." in k), rank, dropout)
@@ -390,10 +499,13 @@ def student_from_adapter(model, tr, spec, flag, dtype, dropout=0.0, adapter=None
     if meta.get("piid_config"):
         cfg = piflow.PiIDConfig(**meta["piid_config"])
     else:
-        nfe = re.search(r"(\d+)step", spec)
-        cfg = piflow.PiIDConfig(nfe=int(nfe.group(1)) if nfe else 4, **PUBLISHED)
-    student.piid_config = cfg                                      # piflow.sample keeps this schedule
-    return student, head, rank, cfg
+        known = KNOWN.get(os.path.basename(os.path.normpath(spec.partition(":")[2] or spec)))
+        if not known:
+            print(f"{flag}={spec!r}: no training schedule stored and not a released id; assuming the released "
+                  "schedule (NFE 4, shift 3.2, final step 0.5)")
+        cfg = piflow.PiIDConfig(nfe=known[2] if known else 4, **PUBLISHED)
+    student.piid_config, student.guidance = cfg, meta.get("guidance", fam.guidance_scale)
+    return student, student.head, rank, cfg
 
 
 def adapter_config(student):
@@ -411,9 +523,12 @@ def adapter_config(student):
     return c
 
 
-def write_adapter(folder, student, tensors, cfg):
+def write_adapter(folder, student, tensors, cfg, guidance=None):
+    """The published layout; metadata policy_config, and ours: piid_config (the schedule), guidance (distilled)."""
     from safetensors.torch import save_file
     meta = {"policy_config": json.dumps(student.policy_config), "piid_config": json.dumps(dataclasses.asdict(cfg))}
+    if guidance is not None and student.fam.guidance == "distilled":
+        meta["guidance"] = json.dumps(float(guidance))
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, WEIGHTS), metadata=meta)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(adapter_config(student), f, indent=2)
@@ -430,24 +545,17 @@ def read_prompts(path, flag="--prompts"):
     return prompts
 
 
-def encode_prompts(fam, base, prompts, device, dtype, max_len, negative=False, batch=8):
-    """Text embeddings with the base pipeline's own encode_prompt (text encoders only; freed afterwards)."""
-    import diffusers
+@torch.no_grad()
+def encode_prompts(fam, base, prompts, device, dtype, max_len, negative=False, batch=8, pipe=None):
+    """Text embeddings with the base pipeline's own encode_prompt (`pipe`, else a pipeline of the text encoders
+    alone, freed afterwards); negative=True adds negative_<key> of the empty prompt (CFG teachers)."""
     from tqdm import tqdm
-    try:
-        pipe = getattr(diffusers, fam.pipeline).from_pretrained(base, transformer=None, vae=None, torch_dtype=dtype,
-                                                                use_safetensors=True).to(device)
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise common.UserError(f"--base={base!r}: cannot load the text encoders ({_first_line(e)})") from None
-    parts = []
-    with torch.no_grad():
-        for i in tqdm(range(0, len(prompts), batch), desc="encoding prompts"):
-            parts.append({k: v.cpu() for k, v in fam.encode(pipe, prompts[i:i + batch], device, max_len).items()})
-        out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        if negative:
-            neg = fam.encode(pipe, [NEGATIVE_PROMPT], device, max_len)
-            out.update(negative_embeds=neg["prompt_embeds"].cpu(), negative_mask=neg["mask"].cpu())
-    del pipe
+    pipe = pipe or load_pipeline(fam, base, dtype, transformer=None, vae=None).to(device)
+    parts = [{k: v.cpu() for k, v in fam.encode(pipe, prompts[i:i + batch], device, max_len).items()}
+             for i in tqdm(range(0, len(prompts), batch), desc="encoding prompts", disable=len(prompts) <= batch)]
+    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    if negative:
+        out.update({f"negative_{k}": v.cpu() for k, v in fam.encode(pipe, [NEGATIVE_PROMPT], device, max_len).items()})
     return out
 
 
@@ -463,9 +571,9 @@ def check_cache(c, path, flag, fam, model, prompts=None, max_len=None, extra=())
     return c
 
 
-def make_cond(fam, cache, idx, device, guidance=None):
-    """The cond dict for cached prompts idx (CPU LongTensor)."""
-    cond = {k: cache[k][idx].to(device) for k in ("prompt_embeds",) + fam.cond_keys}
+def make_cond(fam, cache, idx, device, guidance=None, prefix=""):
+    """The cond dict of cached prompts idx (CPU LongTensor); prefix='negative_': the cached negative."""
+    cond = {k: cache[prefix + k][idx].to(device) for k in ("prompt_embeds",) + fam.cond_keys}
     cond = {k: v.float() if v.is_floating_point() else v for k, v in cond.items()}
     if fam.guidance == "distilled":
         cond["guidance"] = torch.full((len(idx),), float(guidance), device=device)
@@ -473,7 +581,7 @@ def make_cond(fam, cache, idx, device, guidance=None):
 
 
 def decode(fam, vae, x):
-    """Normalised latents (B, C, h, w) -> images (B, 3, 8h, 8w) in [-1, 1]."""
+    """Normalised latents (B, C, h, w) -> images (B, 3, 8h, 8w) in [-1, 1] (as the base pipeline decodes)."""
     z = fam.normalise(vae, x.float(), inverse=True).to(vae.dtype)
     if fam.video_vae:
         return vae.decode(z[:, :, None]).sample[:, :, 0].float()
@@ -488,46 +596,14 @@ def encode_images(fam, vae, x):
 
 
 #################################################################################
-#                     The trainer.py attachment (train_t2i.py)                  #
+#                  The training set: prompt embeddings and latents               #
 #################################################################################
-
-@dataclass(frozen=True)
-class Options:
-    model: str = "flux"                # base model family: flux | qwen (set by --model)
-    base: Optional[str] = None         # diffusers folder or hub id of the base; None = the official repo
-    policy: str = "gm"                 # student policy head: gm (GMFlow) | dx (DX grid)
-    K: int = 8                         # Gaussians per pixel (GM)
-    N: int = 10                        # grid points (DX)
-    lora_rank: int = 256               # LoRA rank r (alpha = r); an --init-adapter must have this rank
-    lora_dropout: float = 0.05         # LoRA dropout
-    init_adapter: Optional[str] = None  # start from this adapter (folder or owner/repo:subfolder)
-    prompts: Optional[str] = None      # text file, one prompt per line (data-free pi-ID)
-    data: Optional[str] = None         # folder of images + same-name .txt captions (latents for --data-dependent)
-    embed_cache: Optional[str] = None  # embeddings (+ latents) cache file; None = <prompts>.<model>.pt next to them
-    max_text_len: int = 512            # text tokens (T5 / Qwen2.5-VL)
-    resolution: int = 1024             # training image size (a multiple of 16)
-    grad_checkpointing: bool = True    # gradient checkpointing of the transformer blocks (recipe §4.9)
-
-    def __post_init__(self):
-        for name, ok, accepted in [
-                ("model", self.model in FAMILIES, " | ".join(FAMILIES)),
-                ("policy", self.policy in ("gm", "dx"), "gm | dx"),
-                ("K", self.K >= 1, "an integer >= 1"), ("N", self.N >= 2, "an integer >= 2"),
-                ("lora_rank", self.lora_rank >= 0, "an integer >= 0 (0 = no LoRA)"),
-                ("lora_dropout", 0 <= self.lora_dropout < 1, "a value in [0, 1)"),
-                ("max_text_len", self.max_text_len >= 1, "an integer >= 1"),
-                ("resolution", self.resolution >= 16 and self.resolution % 16 == 0, "a positive multiple of 16")]:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; expected {accepted}")
-
-
-FLAG_ALIASES = {"policy": ["--head"]}           # old underscore spellings: common.hyphenate accepts them all
-
 
 def training_cache(opts, fam, base, tc, device, dtype):
     """Embeddings (and for --data the latents) of the training set: built once on rank 0, then read everywhere."""
     path = opts.embed_cache or (opts.prompts and f"{opts.prompts}.{opts.model}.pt") or \
         (opts.data and f"{opts.data.rstrip(os.sep)}.{opts.model}-{opts.resolution}px.pt")
+    max_len = opts.max_text_len or fam.max_text_len
     if not path:
         raise common.UserError("give --prompts (a text file, one prompt per line), --data (images + captions) or "
                                "--embed-cache (a cache made earlier)")
@@ -549,10 +625,10 @@ def training_cache(opts, fam, base, tc, device, dtype):
             raise common.UserError(f"--embed-cache={path!r}: no such file; give --prompts or --data to build it")
         common.check_writable(path, "--embed-cache")
         if not dist.is_initialized() or dist.get_rank() == 0:
-            c = encode_prompts(fam, base, prompts, device, dtype, opts.max_text_len, fam.guidance == "cfg")
+            c = encode_prompts(fam, base, prompts, device, dtype, max_len, fam.guidance == "cfg")
             if files:
                 c["latents"] = data_latents(fam, base, opts.data, files, opts.resolution, device, dtype)
-            c.update(prompts=prompts, model=opts.model, max_text_len=opts.max_text_len)
+            c.update(prompts=prompts, model=opts.model, max_text_len=max_len)
             common.save_torch(c, path)
         if dist.is_initialized():
             dist.barrier()
@@ -560,9 +636,10 @@ def training_cache(opts, fam, base, tc, device, dtype):
     if tc.data_dependent and isinstance(c, dict) and "latents" not in c:
         raise common.UserError(f"--data-dependent needs image latents: give --data (images + captions); "
                                f"--embed-cache={path!r} holds prompts only")
-    extra = (("latents",) if tc.data_dependent else ()) + \
-        (("negative_embeds", "negative_mask") if fam.guidance == "cfg" and tc.guidance != 1 else ())
-    c = check_cache(c, path, "--embed-cache", fam, opts.model, prompts, opts.max_text_len, extra)
+    negative = tuple(f"negative_{k}" for k in ("prompt_embeds",) + fam.cond_keys)
+    extra = (("latents",) if tc.data_dependent else ()) + (negative if fam.guidance == "cfg" and tc.guidance != 1
+                                                           else ())
+    c = check_cache(c, path, "--embed-cache", fam, opts.model, prompts, max_len, extra)
     h = opts.resolution // VAE_SCALE
     if tc.data_dependent and tuple(c["latents"].shape[1:]) != (fam.channels, h, h):
         raise common.UserError(f"--embed-cache={path!r} holds latents of shape {tuple(c['latents'].shape[1:])}; "
@@ -583,199 +660,3 @@ def data_latents(fam, base, folder, files, resolution, device, dtype):
         x = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
         out.append(encode_images(fam, vae, x).cpu())
     return torch.cat(out)
-
-
-def dx_policy(cfg):
-    """DX policy kwargs: the grid spans one training step in raw time (recipe §3: 1/3.5 at 4 NFE, s = 0.5)."""
-    return {"segment_size": 1 / (cfg.nfe - 1 + cfg.final_step_scale), "shift": cfg.shift}
-
-
-def new_student(opts, cfg, tr, dtype):
-    """A fresh student on base `tr`: the head initialised from the teacher's proj_out, then the LoRA (B = 0)."""
-    fam = FAMILIES[opts.model]
-    student = T2IStudent(fam, tr, Head(opts.policy, opts.K, opts.N), dtype, dx_policy(cfg))
-    if opts.lora_rank:
-        student.add_lora(fam.lora(tr, opts.policy), opts.lora_rank, opts.lora_dropout)
-    return student
-
-
-class T2IAttachment:
-    """trainer.py attachment: LoRA + head student on a diffusers base; the base (LoRA off) is the teacher."""
-    sharded, autocast = True, True
-
-    def __init__(self, opts, cfg, tc, student, cache, device):
-        self.opts, self.cfg, self.tc, self.student, self.cache, self.device = opts, cfg, tc, student, cache, device
-        self.fam = student.fam
-        h = opts.resolution // VAE_SCALE
-        self.noise_shape = (self.fam.channels, h, h)
-        self.teacher = student.teacher
-        if self.fam.guidance == "cfg" and tc.guidance != 1:         # Qwen: CFG with the empty-prompt negative
-            neg = {"prompt_embeds": cache["negative_embeds"][:1].to(device).float(),
-                   "mask": cache["negative_mask"][:1].to(device)}
-            self.teacher = piflow.guided_teacher(student.teacher, tc.guidance, neg, tuple(tc.guidance_interval))
-
-    def trainable(self):
-        return self.student.trainable()
-
-    def _idx(self, n, g):
-        return torch.randint(len(self.cache["prompts"]), (n,), generator=g, device=g.device).cpu()
-
-    def sample_cond(self, n, g):
-        return make_cond(self.fam, self.cache, self._idx(n, g), self.device, self.tc.guidance)
-
-    def sample_data(self, n, g):
-        idx = self._idx(n, g)
-        return self.cache["latents"][idx].to(self.device).float(), make_cond(self.fam, self.cache, idx, self.device,
-                                                                            self.tc.guidance)
-
-    def shard(self, mesh):
-        """FSDP2: one unit per transformer block and per GM head layer (they run outside the diffusers forward),
-        then the root; frozen weights stay in the compute dtype, trainables fp32, all-gathered in the compute dtype."""
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        tr, dtype = self.student.tr, self.student.dtype
-        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        heads = [getattr(tr, n) for n in ("proj_out_means", "proj_out_logweights", "proj_out_logstds")
-                 if hasattr(tr, n)]
-        for m in [b for blocks in tr.children() if isinstance(blocks, nn.ModuleList) for b in blocks] + heads:
-            fully_shard(m, mesh=mesh, mp_policy=mp)
-        # the root reshards after every forward too: after a no-grad one (teacher, the trainer's final validation)
-        # it would otherwise keep its unsharded parameters registered, which the optimizer does not hold
-        fully_shard(tr, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
-
-    def export(self, path, ema):
-        """The published adapter layout from the EMA weights (fp16), written as a new version of `path`."""
-        tensors = {k: v.half() for k, v in ema.items()}
-        common.check_finite(tensors, f"--export={path!r} (fp16)")
-        common.publish_dir(path, lambda folder: write_adapter(folder, self.student, tensors, self.cfg))
-
-
-def attach(opts, cfg, tc, settings, device, dtype):
-    """train_t2i.py --model flux|qwen: every user error first, then the cache, then the base model."""
-    fam = FAMILIES[opts.model]
-    base = opts.base or fam.repo
-    adapter = read_adapter(opts.init_adapter, opts.model, "--init-adapter") if opts.init_adapter else None
-    if adapter:
-        size = lambda hd: (hd.policy, hd.K if hd.policy == "gm" else hd.N)
-        if size(adapter[0]) != size(Head(opts.policy, opts.K, opts.N)):
-            p, n = size(adapter[0])
-            raise common.UserError(f"--init-adapter={opts.init_adapter!r} has a {p} head of size {n}; pass --policy "
-                                   f"{p} --{'K' if p == 'gm' else 'N'} {n}")
-        if adapter[3] != opts.lora_rank:
-            raise common.UserError(f"--lora-rank={opts.lora_rank} differs from --init-adapter's LoRA rank "
-                                   f"{adapter[3]}; pass --lora-rank {adapter[3]}")
-    if fam.guidance == "distilled" and tc.guidance_interval != (0.0, 1.0):
-        raise common.UserError(f"--guidance-interval applies to CFG; --model {opts.model} takes a distilled guidance")
-    cache = training_cache(opts, fam, base, tc, device, dtype)
-    tr = load_pretrained(fam.transformer, base, "transformer", dtype)
-    if adapter:
-        student = student_from_adapter(opts.model, tr, opts.init_adapter, "--init-adapter", dtype, opts.lora_dropout,
-                                       adapter)[0]
-        if opts.policy == "dx":
-            student.policy_config.update(dx_policy(cfg))
-    else:
-        student = new_student(opts, cfg, tr, dtype)
-    for p in student.trainable(train=True).values():                      # fp32 masters (recipe §4.10)
-        p.data = p.data.float()
-    if opts.grad_checkpointing:
-        tr.enable_gradient_checkpointing()
-    return T2IAttachment(opts, cfg, tc, student.to(device), cache, device)
-
-
-#################################################################################
-#                          Sampling (sample.py --model)                         #
-#################################################################################
-
-def add_sample_flags(g, model):
-    fam = FAMILIES[model]
-    g.add_argument("--adapter", default=fam.adapter, help="adapter folder (e.g. runs/piflux/adapter) or "
-                   "'owner/repo:subfolder' (default: %(default)s)")
-    g.add_argument("--base", default=fam.repo, help="diffusers folder or hub id of the base (default: %(default)s)")
-    g.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
-    g.add_argument("--prompts", default=None, help="text file, one prompt per line")
-    g.add_argument("--embed-cache", "--embed_cache", default=None, help="prompt-embedding cache: read if it exists "
-                   "(then --prompt / --prompts are optional), else written (skips the text encoders next time)")
-    g.add_argument("--guidance", type=float, default=FLUX_GUIDANCE if fam.guidance == "distilled" else None,
-                   help="FLUX distilled guidance: the adapters need 3.5; Qwen-Image students take none (default: "
-                   "%(default)s)")
-    g.add_argument("--force", action="store_true", help="allow a --guidance the adapter was not trained with")
-    g.add_argument("--height", type=int, default=1024, help="image height, a multiple of 16 (default: %(default)s)")
-    g.add_argument("--width", type=int, default=1024, help="image width, a multiple of 16 (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=1, help="images per transformer call (default: %(default)s)")
-    g.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                   help="weights dtype; auto = bf16 on CUDA, fp32 on CPU (default: %(default)s)")
-    g.add_argument("--cpu-offload", action="store_true", help="keep the transformer on the CPU while the VAE decodes")
-    g.add_argument("--images-dir", default=None, help="folder for the single PNGs 00000.png, ... (default: --out "
-                   "without .png)")
-    g.set_defaults(temperature="auto")
-
-
-def sample_grid(args):
-    """`sample.py --model flux|qwen`: image i from noise seeded seed + i and prompt i; one row per image."""
-    fam = FAMILIES[args.model]
-    for name in ("height", "width"):
-        v = getattr(args, name)
-        if v < 16 or v % 16:
-            raise common.UserError(f"--{name}={v} is not accepted; expected a positive multiple of 16 "
-                                   f"(e.g. {max(16, round(v / 16) * 16)})")
-    if args.batch_size < 1:
-        raise common.UserError(f"--batch-size={args.batch_size} is not accepted; expected an integer >= 1")
-    if fam.guidance == "distilled" and args.guidance != FLUX_GUIDANCE and not args.force:
-        raise common.UserError(f"--guidance={args.guidance} is not accepted; the pi-FLUX adapters were distilled at "
-                               f"{FLUX_GUIDANCE} and give noise otherwise (--force to try anyway)")
-    if fam.guidance == "cfg" and args.guidance is not None and not args.force:
-        raise common.UserError(f"--guidance={args.guidance} is not accepted; --model {args.model} students have CFG "
-                               "distilled in and take no guidance")
-    prompts = list(args.prompt or []) + (read_prompts(args.prompts) if args.prompts else [])
-    if not prompts and not (args.embed_cache and os.path.isfile(args.embed_cache)):
-        raise common.UserError("give --prompt (repeatable), --prompts (a text file) or an existing --embed-cache")
-    images_dir = args.images_dir or os.path.splitext(args.out)[0]                   # {nfe} filled in below
-    common.check_writable(images_dir.format(nfe=args.nfe or 0), "--images-dir", is_dir=True)
-    if args.embed_cache and not os.path.isfile(args.embed_cache):
-        common.check_writable(args.embed_cache, "--embed-cache")
-    head = adapter_head(args.adapter, args.model, "--adapter")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype) or \
-        (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    # --- text embeddings first (the text encoders are freed before the transformer loads)
-    if args.embed_cache and os.path.isfile(args.embed_cache):
-        cache = check_cache(common.load_tensors(args.embed_cache, "--embed-cache"), args.embed_cache, "--embed-cache",
-                            fam, args.model, prompts or None, 512 if prompts else None)
-    else:
-        cache = dict(encode_prompts(fam, args.base, prompts, device, dtype, 512), prompts=prompts, model=args.model,
-                     max_text_len=512)
-        if args.embed_cache:
-            common.save_torch(cache, args.embed_cache)
-    prompts = cache["prompts"]
-    tr = load_pretrained(fam.transformer, args.base, "transformer", dtype)
-    student, head, _, cfg = student_from_adapter(args.model, tr, args.adapter, "--adapter", dtype)
-    student = student.to(device, dtype).eval()
-    nfe = args.nfe or cfg.nfe
-    T = piflow.resolve_temperature(args.temperature, nfe) if head.policy == "gm" else None
-    print(f"pi-Flow {args.model} {head.policy} adapter {args.adapter} | NFE {nfe} (trained {cfg.nfe}) | shift "
-          f"{cfg.shift} | final step scale {cfg.final_step_scale} | temperature {T} | "
-          + (f"guidance {args.guidance} | " if fam.guidance == "distilled" else "")
-          + f"{args.height}x{args.width} | seed {args.seed} + i | {device} {dtype}", flush=True)
-    h, w = args.height // VAE_SCALE, args.width // VAE_SCALE
-    latents = []
-    for i in range(0, len(prompts), args.batch_size):
-        idx = torch.arange(i, min(i + args.batch_size, len(prompts)))
-        noise = torch.cat([torch.randn(1, fam.channels, h, w, generator=torch.Generator().manual_seed(args.seed + j))
-                           for j in idx.tolist()]).to(device)
-        latents.append(piflow.sample(student, noise, make_cond(fam, cache, idx, device, args.guidance), nfe,
-                                     temperature=T).cpu())
-    if args.cpu_offload:
-        student.to("cpu")
-    vae = load_pretrained(fam.vae, args.base, "vae", dtype).to(device)
-    with torch.no_grad():
-        images = [im for x in latents for im in ((decode(fam, vae, x.to(device)).clamp(-1, 1) + 1) * 127.5).round()
-                  .to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()]
-    from PIL import Image
-    images_dir = images_dir.format(nfe=nfe)
-    os.makedirs(images_dir, exist_ok=True)
-    paths = [os.path.join(images_dir, f"{i:05d}.png") for i in range(len(images))]
-    for im, path in zip(images, paths):
-        common.save_atomic(path, lambda tmp: Image.fromarray(im).save(tmp, format="PNG"))
-    print(f"wrote {len(paths)} images to {images_dir}")
-    label = lambda s: s if len(s) <= 40 else s[:37] + "..."
-    return dict(rows=[[im] for im in images], row_labels=[label(p) for p in prompts], nfe=nfe, images=images,
-                paths=paths, title=f"pi-Flow {args.model} {head.policy}, NFE {nfe}, temperature {T}, seed {args.seed}")

@@ -12,7 +12,6 @@ What is checked, and against what:
 """
 import argparse
 import os
-import pickle
 import subprocess
 import sys
 

@@ -112,6 +112,17 @@ PRESETS = {
     "dxqwen-n10-4nfe": dict(model="qwen", policy="dx", N=10, nfe=4, shift=3.2, final_step_scale=0.5,
                             num_intermediate=2, window_substeps=3, loss_scale=30.0, guidance=4.0, lr=1e-4,
                             warmup=100, clip_start=100, ema_start=100, batch_size=256, micro_batch=2, steps=9000),
+    # pi-FLUX.2 (released gmflux2_k8_piid_4step): NFE 4, shift 3.2, final step 0.5, embedded guidance 4.0 are
+    # published; the other values are FLUX.1's (gmflux-k8-4nfe)
+    "gmflux2-k8-4nfe": dict(model="flux2", policy="gm", K=8, nfe=4, shift=3.2, final_step_scale=0.5,
+                            num_intermediate=4, window_substeps=3, gm_dropout=0.1, loss_scale=30.0, decay_iters=2000,
+                            guidance=4.0, lr=1e-4, warmup=100, clip_start=100, ema_start=100, batch_size=256,
+                            micro_batch=2, steps=3000),
+    # SD3 / SD3.5 (not in the paper): Qwen-Image's recipe with SD3.5's CFG 3.5
+    "gmsd3-k8-4nfe": dict(model="sd3", policy="gm", K=8, nfe=4, shift=3.2, final_step_scale=0.5,
+                          num_intermediate=2, window_substeps=3, gm_dropout=0.1, loss_scale=30.0, guidance=3.5,
+                          lr=1e-4, warmup=100, clip_start=100, ema_start=100, batch_size=256, micro_batch=2,
+                          steps=9000),
 }
 
 # Settings that may change when a run is resumed; every other setting is the run's identity.
@@ -130,7 +141,7 @@ def add_run_flags(parser, out_default):
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in an OUT that holds a checkpoint (it is replaced only by a good new one)")
     g.add_argument("--export", default=None, help="also write the EMA student here at every checkpoint "
-                   "(the format sample.py reads) (default: %(default)s)")
+                   "(the format sample.py reads) (default: %(default)s; train_t2i.py: OUT/adapter)")
     g.add_argument("--log-every", type=int, default=50, help="log the loss every N steps (default: %(default)s)")
     g.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps; 0 = at the end only "
                    "(default: %(default)s)")
@@ -484,7 +495,7 @@ def settings_of(*configs, **extra):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
-def parse(prog, argv, select, modules, default_preset, description):
+def parse(prog, argv, select, modules, default_preset, description, export=None):
     """The training command line of a script: `select` (--teacher / --model) picks the attachment module,
     --preset a row of PRESETS whose values become the defaults (shown by --help), and the flags derive from
     piflow.PiIDConfig, TrainConfig and the module's Options. Returns (args, cfg, tc, opts, settings, module)."""
@@ -514,6 +525,8 @@ def parse(prog, argv, select, modules, default_preset, description):
                      skip=(select,), aliases=getattr(module, "FLAG_ALIASES", None))
     add_run_flags(p, f"runs/{choice}")
     args = p.parse_args(argv)
+    if args.export is None and export:                                  # e.g. the adapter of train_t2i.py
+        args.export = os.path.join(args.out, export)
     check_run_flags(p, args)
     setattr(args, select, choice)
     cfg, tc, opts = (common.build(cls, args, p) for cls in (piflow.PiIDConfig, TrainConfig, module.Options))
@@ -521,10 +534,10 @@ def parse(prog, argv, select, modules, default_preset, description):
     return args, cfg, tc, opts, settings, module
 
 
-def main(prog, argv, select, modules, default_preset, description):
+def main(prog, argv, select, modules, default_preset, description, export=None):
     """A training script's main: parse, then train() under the one-line user-error policy. A run stopped by the
     guard exits 3 with one line. Returns (attachment, EMA tensors) of rank 0."""
-    args, cfg, tc, opts, settings, module = parse(prog, argv, select, modules, default_preset, description)
+    args, cfg, tc, opts, settings, module = parse(prog, argv, select, modules, default_preset, description, export)
     build = lambda device, dtype: module.attach(opts, cfg, tc, settings, device, dtype)
     with common.user_errors(prog):
         try:
