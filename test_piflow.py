@@ -10,18 +10,22 @@ Ground truth used:
 All math tests run in float64.
 """
 import math
+import os
+import re
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 from scipy import integrate, stats
 
 import piflow as pf
 
 settings.register_profile("ci", deadline=None, derandomize=True, max_examples=25,
                           suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile("ci")
+# mutate.py: the same examples, no shrinking or explaining of a failure (a mutant only needs to fail, fast)
+settings.register_profile("mutation", settings.get_profile("ci"), phases=[Phase.explicit, Phase.reuse, Phase.generate])
+settings.load_profile(os.environ.get("PIFLOW_HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -116,6 +120,27 @@ def test_schedule_properties(nfe, scale, shift):
     assert bool((torch.diff(sigmas) < 0).all())
 
 
+def test_conventions_contracts():
+    """append_dims views (B,) or a scalar as (B, 1, ...); the time shift defaults to none (m = 1) and its tensor form
+    stays <= 1 under round-off (tau = 1 with m ~ 0.001 computes to 1 + 4e-14 unclamped); schedules are float64 and
+    equal in tau and sigma without a shift, whatever torch's default dtype."""
+    x = torch.zeros(3, 2, 4)
+    for v in (torch.tensor([1.0, 2.0, 3.0]), torch.tensor(0.5), 0.5):
+        assert pf.append_dims(v, x).shape == (3, 1, 1)
+    assert pf.warp_time(0.3) == 0.3 and pf.unwarp_time(0.3) == 0.3
+    m = 0.001001998001998002
+    assert m * 1.0 / (1 + (m - 1) * 1.0) > 1                           # the raw formula rounds above 1 here ...
+    assert pf.warp_time(torch.ones(2), m).tolist() == [1.0, 1.0] and pf.warp_time(1.0, m) == 1.0   # ... warp does not
+    old = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float32)
+        taus, sigmas = pf.nfe_schedule(4)
+    finally:
+        torch.set_default_dtype(old)
+    assert taus.dtype == sigmas.dtype == torch.float64 and torch.equal(taus, sigmas)
+    assert taus.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+
+
 @given(seed=seeds, sigma=st.floats(1e-3, 1))
 def test_u_x0_round_trip(seed, sigma):
     g = torch.Generator().manual_seed(seed)
@@ -149,6 +174,28 @@ def test_dx_policy_interpolates_grid(seed, N, sigma_src, seg, shift):
     assert torch.allclose(pol.x0(sig), 0.5 * (x0_grid[:, 0] + x0_grid[:, 1]), atol=1e-9)
     x_t = torch.randn(B, 3, 2, generator=g)
     assert torch.allclose(pol.velocity(x_t, sig), (x_t - 0.5 * (x0_grid[:, 0] + x0_grid[:, 1])) / sig[:, None, None])
+
+
+def test_dx_policy_ends_single_point_and_sigma_grid():
+    """Outside its segment the DX policy holds the end grid points (the interpolation weight is clamped to [0, 1]);
+    N = 1 is the constant x0 = x_src - sigma_src u; a (B, S) grid of noise levels (as the fused rollout passes) gives
+    each column's rows and weights, computed by hand. Default: no shift."""
+    g = torch.Generator().manual_seed(0)
+    B, N, s_src, seg = 2, 4, 0.8, 0.3
+    grid_u, x_src = torch.randn(B, N, 3, generator=g), torch.randn(B, 3, generator=g)
+    pol = pf.DXPolicy(grid_u, x_src, s_src, seg)
+    x0_grid = x_src[:, None] - s_src * grid_u
+    tau_dst = s_src - seg                                                # raw = sigma without a shift
+    assert torch.allclose(pol.x0(torch.full((B,), tau_dst / 2)), x0_grid[:, 0], atol=1e-12)     # below the segment
+    assert torch.allclose(pol.x0(torch.ones(B)), x0_grid[:, -1], atol=1e-12)                    # above sigma_src
+    one = pf.DXPolicy(grid_u[:, :1], x_src, s_src, seg)
+    for sigma in (0.1, 0.5, 0.8):
+        assert torch.allclose(one.x0(torch.full((B,), sigma)), x0_grid[:, 0], atol=1e-12)
+    sig = torch.tensor([[0.8, 0.68, 0.55, 0.3], [0.75, 0.62, 0.45, 0.9]])    # p = 3, 1.8, 0.5, 0 | 2.5, 1.2, 0, 3
+    i0, w = pol.grid_weights(sig)
+    p = ((sig - tau_dst) / seg).clamp(0, 1) * (N - 1)
+    want_i0 = torch.tensor([[2, 1, 0, 0], [2, 1, 0, 2]])                  # floor(p), at most N - 2
+    assert torch.equal(i0, want_i0) and torch.allclose(w, p - want_i0, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,6 +272,9 @@ def test_gm_single_component_closed_form(seed, v, sigma_src, frac):
     want = (mu / v + a_t * x_t / s_t ** 2 - a_s * x_src / sigma_src ** 2) / prec
     pol = pf.GMPolicy.from_x0(mu[:, None], torch.zeros(2, 1, 1), v, x_src, sigma_src)
     assert torch.allclose(pol.posterior_mean(x_t, s_t), want, rtol=1e-9, atol=1e-9)
+    direct = pf.gm_posterior_mean(x_t, s_t, x_src, sigma_src, mu[:, None], torch.zeros(2, 1, 1),
+                                  torch.full((2, 1, 1), v))                # default eps
+    assert torch.allclose(direct, want, rtol=1e-9, atol=1e-9)
 
 
 @given(seed=seeds, K=st.integers(1, 5), split=st.floats(0.01, 0.99), sigma_src=st.floats(0.1, 1),
@@ -285,6 +335,63 @@ def test_gm_shortcut_at_source():
     pol = pf.GMPolicy(means, logw, torch.full((2, 1, 1, 1), -1.0), x_src, torch.tensor([1.0, 0.6]))
     want = (logw.exp() * (x_src[:, None] - torch.tensor([1.0, 0.6])[:, None, None, None] * means)).sum(1)
     assert torch.allclose(pol.posterior_mean(x_src, torch.tensor([1.0, 0.6])), want, atol=1e-12)
+
+
+def test_policies_run_in_float32_from_low_precision_heads():
+    """Network outputs may be bf16; GM and DX policies keep float32 state (the fused kernels need it) with one variance
+    per sample (B, 1, 1, 1, 1), and return float32 velocities equal, to float32 precision, to a float64 evaluation of
+    the same bf16 values (recipe §2.5)."""
+    g = torch.Generator().manual_seed(0)
+    B, K = 2, 3
+    means, logits = torch.randn(B, K, 2, 3, 3, generator=g), torch.randn(B, K, 1, 3, 3, generator=g)
+    x_src, x_t = torch.randn(2, B, 2, 3, 3, generator=g)
+    lo = [t.to(torch.bfloat16) for t in (means, torch.log_softmax(logits, 1), torch.full((B, 1, 1, 1, 1), -1.3), x_src)]
+    x_lo = x_t.to(torch.bfloat16)
+    hi = [t.double() for t in lo]
+    pols = [(pf.GMPolicy(*lo, 0.8), pf.GMPolicy(*hi, 0.8)),
+            (pf.GMPolicy.from_x0(lo[0], lo[1], 0.1, lo[3], 0.8), pf.GMPolicy.from_x0(hi[0], hi[1], 0.1, hi[3], 0.8))]
+    for p32, p64 in pols:
+        for t in (p32.means_x, p32.logweights, p32.var_x, p32.x_src, p32.sigma_src):
+            assert t.dtype == torch.float32
+        assert p32.var_x.shape == (B, 1, 1, 1, 1)
+        v32, v64 = p32.velocity(x_lo, 0.5), p64.velocity(x_lo.double(), 0.5)
+        assert v32.dtype == torch.float32 and torch.allclose(v32.double(), v64, rtol=1e-5, atol=1e-5)
+        out = pf.policy_rollout(p32, x_lo, 0.8, 0.3)
+        assert out.dtype == torch.float32
+        assert torch.allclose(out.double(), pf.policy_rollout(p64, x_lo.double(), 0.8, 0.3), rtol=1e-5, atol=1e-5)
+    dx32, dx64 = pf.DXPolicy(lo[0], lo[3], 0.8, 0.25), pf.DXPolicy(hi[0], hi[3], 0.8, 0.25)
+    assert dx32.x_src.dtype == dx32.x0_grid.dtype == torch.float32
+    assert torch.allclose(dx32.velocity(x_lo, 0.7).double(), dx64.velocity(x_lo.double(), 0.7), rtol=1e-5, atol=1e-5)
+
+
+def test_detach_stops_gradients():
+    """pi_D = stopgrad(pi) (Alg. 1 line 4): the velocity of a detached GM or DX policy carries no gradient and has the
+    same value; the learner keeps its graph."""
+    means = torch.randn(2, 3, 2, requires_grad=True)
+    logw = torch.log_softmax(torch.randn(2, 3, 1, requires_grad=True), 1)
+    logstds = torch.full((2, 1, 1), -1.0, requires_grad=True)
+    x_src = torch.randn(2, 2, requires_grad=True)
+    x_t = torch.randn(2, 2)
+    for pol in (pf.GMPolicy(means, logw, logstds, x_src, 0.9), pf.DXPolicy(means, x_src, 0.9, 0.5)):
+        d = pol.detach()
+        assert not d.velocity(x_t, 0.6).requires_grad
+        assert torch.equal(d.velocity(x_t, 0.6), pol.velocity(x_t, 0.6).detach())
+        assert pol.velocity(x_t, 0.6).requires_grad
+
+
+def test_posterior_recomputed_in_backward(monkeypatch):
+    """A GM policy with a gradient checkpoints its posterior (no (B, K, C, H, W) temporaries are kept): the posterior is
+    evaluated again in backward; a detached policy evaluates it once."""
+    calls, posterior = [], pf.gm_posterior_mean
+    monkeypatch.setattr(pf, "gm_posterior_mean", lambda *args: calls.append(1) or posterior(*args))
+    means = torch.randn(2, 3, 2, requires_grad=True)
+    pol = pf.GMPolicy(means, torch.log_softmax(torch.randn(2, 3, 1), 1), torch.full((2, 1, 1), -1.0),
+                      torch.randn(2, 2), 0.9)
+    pol.velocity(torch.randn(2, 2), 0.5).sum().backward()
+    assert len(calls) == 2 and means.grad.abs().sum() > 0
+    calls.clear()
+    pol.detach().velocity(torch.randn(2, 2), 0.5)
+    assert len(calls) == 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -395,6 +502,107 @@ def test_rollout_per_sample_substeps_and_straight_line():
     assert pf.rollout_substeps(torch.tensor([1.0, 0.5, 0.001]), torch.zeros(3)).tolist() == [128, 64, 1]
 
 
+def warp(tau, m):
+    """The time shift written out by hand (App. B.4): sigma = m tau / (1 + (m - 1) tau)."""
+    return m * tau / (1 + (m - 1) * tau)
+
+
+class LinearPolicy:
+    """A network-free policy with the x-independent velocity pi(x, sigma) = a + b sigma, which records the noise
+    levels it is queried at. Euler integration of it is a known sum over the nodes; with b = 0 it is exact."""
+
+    def __init__(self, a, b, x_src, sigma_src):
+        self.a, self.b, self.x_src, self.sigma_src, self.queries = a, b, x_src, sigma_src, []
+
+    def velocity(self, x_t, sigma_t):
+        self.queries.append(sigma_t.clone())
+        return (self.a + self.b * sigma_t[:, None]).expand_as(x_t)
+
+    def detach(self):
+        new = LinearPolicy(torch.as_tensor(self.a).detach(), self.b, self.x_src, self.sigma_src)
+        new.queries = self.queries
+        return new
+
+
+def euler_average(a, b, tau_a, tau_end, m, total=128):
+    """Hand Euler average of pi = a + b sigma over raw [tau_end, tau_a]: n = max(1, round(total dtau)) substeps on
+    nodes uniform in raw time, average a + b sum_i sigma_i (sigma_i - sigma_i+1) / (sigma_0 - sigma_n) in sigma."""
+    n = max(1, round(total * (tau_a - tau_end)))
+    s = [warp(tau_a - i * (tau_a - tau_end) / n, m) for i in range(n + 1)]
+    return a + b * sum(s[i] * (s[i] - s[i + 1]) for i in range(n)) / (s[0] - s[n]), n
+
+
+def test_rollout_substep_count_is_rounded():
+    """Alg. 1 line 7 (step 1/128): a raw interval dtau takes max(1, round(128 dtau)) Euler substeps on nodes uniform
+    in raw time. Counts by hand: 128 * 0.1 = 12.8 -> 13 (floor 12), 128 * 2/7 = 36.6 -> 37, 128 / 7 = 18.3 -> 18
+    (ceil 19), 128 * 0.02 = 2.56 -> 3, 128 * 0.002 = 0.26 -> 1 (at least one substep); the default is 128 per unit."""
+    cases = [(1.0, 0.9, 13), (5 / 7, 3 / 7, 37), (1 / 7, 0.0, 18), (0.5, 0.48, 3), (0.5, 0.498, 1), (1.0, 0.0, 128)]
+    tau_from, tau_to = (torch.tensor(c) for c in list(zip(*cases))[:2])
+    assert pf.rollout_substeps(tau_from, tau_to).tolist() == [n for *_, n in cases]
+    assert pf.rollout_substeps(tau_from, tau_to, 64).tolist() == [6, 18, 9, 1, 1, 64]   # 6.4, 18.3, 9.1, 1.28, 0.13, 64
+    x = torch.randn(6, 2)
+    for m in (1.0, 3.2):
+        pol = LinearPolicy(torch.tensor([0.5, -1.0]), 0.0, x, 1.0)
+        out = pf.policy_rollout(pol, x, tau_from, tau_to, m)
+        queries = torch.stack(pol.queries, 1)                          # (B, max n)
+        for b, (t0, t1, n) in enumerate(cases):
+            nodes = torch.tensor([warp(t0 - i * (t0 - t1) / n, m) for i in range(n)])
+            assert torch.allclose(queries[b, :n], nodes, rtol=0, atol=1e-15)   # the sample's own grid ...
+            assert torch.allclose(queries[b, n:], torch.tensor(warp(t1, m)), rtol=0, atol=1e-15)  # ... then held
+            assert torch.allclose(out[b], x[b] + pol.a * (warp(t1, m) - warp(t0, m)), atol=1e-14)
+    n, sigma = pf.euler_grid(torch.zeros(1, 2), 0.9, 0.3, 1.0, 128)   # 76.8 -> 77 substeps; 0.9 - 77 (0.6 / 77) != 0.3
+    assert n.tolist() == [77] and sigma[0, 77] == 0.3                 # the last node is tau_to exactly
+
+
+def test_rollout_backend_dispatch(monkeypatch):
+    """The fused kernels (piflow_kernels; their results are checked against the PyTorch loop in test_kernels.py) run
+    when asked for: backend='fused' in policy_rollout and sample, rollout_backend='fused' for the detached π-ID
+    rollouts (the learner's window average always runs the PyTorch loop, it needs a gradient); 'auto' takes them only
+    on CUDA without grad, so on CPU 'auto' and 'torch' run the loop. Stand-in kernels record what they are handed:
+    the start state, the policy's own tensors and the Euler grid (tau 1 -> 0.5: 64 substeps on sigma nodes 1 - i/128;
+    for DX the grid rows i0 and weights w at those nodes, by hand)."""
+    import piflow_kernels
+    pol64 = pf.GMPolicy.from_x0(torch.randn(2, 1, 2), torch.zeros(2, 1, 1), 0.0, torch.randn(2, 2), 1.0)
+    with torch.no_grad(), pytest.raises(ValueError, match="backend='fused' cannot handle"):
+        pf.policy_rollout(pol64, torch.randn(2, 2), 1.0, 0.5, backend="fused")   # float64: the kernel declines
+    seen = {"gm": [], "dx": []}
+    for kind in seen:
+        monkeypatch.setattr(piflow_kernels, f"{kind}_rollout", lambda *args, kind=kind: seen[kind].append(args) or
+                            args[0] + 100.0)
+    B = 3
+    mu, x = torch.randn(B, 1, 2), torch.randn(B, 2)
+    pol = pf.GMPolicy.from_x0(mu, torch.zeros(B, 1, 1), 0.0, x, 1.0)           # straight lines: Euler is exact
+    dx = pf.DXPolicy(torch.randn(B, 4, 2), x, 1.0, 0.5)
+    with torch.no_grad():
+        for backend in ("auto", "torch"):
+            assert torch.allclose(pf.policy_rollout(pol, x, 1.0, 0.5, backend=backend), mu[:, 0] + (x - mu[:, 0]) * 0.5,
+                                  atol=1e-12)
+            pf.policy_rollout(dx, x, 1.0, 0.5, backend=backend)
+        assert seen == {"gm": [], "dx": []}
+        assert torch.equal(pf.policy_rollout(pol, x, 1.0, 0.5, backend="fused"), x + 100)
+        assert torch.equal(pf.policy_rollout(dx, x, 1.0, 0.5, backend="fused"), x + 100)
+    nodes = torch.tensor([1 - i / 128 for i in range(65)]).expand(B, 65)
+    (x_in, x_src, s_src, means_x, logw, var_x, n, sigma, eps), = seen["gm"]
+    assert x_in is x and x_src is pol.x_src and s_src is pol.sigma_src and means_x is pol.means_x
+    assert logw is pol.logweights and var_x is pol.var_x and eps == pol.eps
+    assert n.tolist() == [64] * B and torch.allclose(sigma, nodes, rtol=0, atol=1e-15)
+    (x_in, grid, i0, w, n, sigma, eps), = seen["dx"]
+    p = [(1 - i / 64) * 3 for i in range(65)]                           # ((tau - tau_dst) / seg) (N - 1)
+    rows = [min(math.floor(v), 2) for v in p]
+    assert x_in is x and grid is dx.x0_grid and eps == dx.eps and n.tolist() == [64] * B
+    assert torch.allclose(sigma, nodes, rtol=0, atol=1e-15) and torch.equal(i0, torch.tensor(rows).expand(B, 65))
+    assert torch.allclose(w, torch.tensor([v - r for v, r in zip(p, rows)]).expand(B, 65), rtol=0, atol=1e-12)
+    seen["gm"].clear()
+    student = lambda x_t, sigma: pf.GMPolicy.from_x0(mu, torch.zeros(B, 1, 1), 0.0, x_t, sigma)
+    assert torch.equal(pf.sample(student, x, None, 2, backend="fused"), x + 100 + 100) and len(seen["gm"]) == 2
+    seen["gm"].clear()
+    teacher = Recorder(lambda x_t, sigma, cond=None: torch.zeros_like(x_t))
+    cfg = pf.PiIDConfig(num_intermediate=2, window_substeps=3, rollout_backend="fused")
+    _, x_dst = pf.piid_segment_loss(pol, teacher, None, torch.ones(B), torch.full((B,), 0.5), cfg, return_x_dst=True)
+    assert len(seen["gm"]) == 3 and torch.equal(teacher.calls[0][0], x + 100)
+    assert torch.equal(x_dst, x + 100 + 100 + 100)
+
+
 # ------------------------------------------------------------------------------------------------
 # 5. π-ID
 # ------------------------------------------------------------------------------------------------
@@ -476,7 +684,7 @@ def test_trajectory_mixing_extremes():
     teacher = Recorder(lambda x, s, c=None: 0.3 * x + 1.0)
     cfg = pf.PiIDConfig(nfe=2, num_intermediate=4)
     tau_src, seg = torch.ones(B), torch.full((B,), 0.5)
-    pf.piid_segment_loss(student_pol, teacher, None, tau_src, seg, cfg, ratio=0.0)
+    pf.piid_segment_loss(student_pol, teacher, None, tau_src, seg, cfg)          # default: on-policy
     for x_a, s_a in teacher.calls:
         assert torch.allclose(x_a, mu[:, 0] + (x_src - mu[:, 0]) * s_a[:, None], atol=1e-12)
         assert bool(((s_a <= 1) & (s_a >= 0.5)).all())
@@ -489,6 +697,247 @@ def test_trajectory_mixing_extremes():
         assert torch.allclose(x_a, x_prev + (0.3 * x_prev + 1.0) * (s_a - s_prev)[:, None], atol=1e-12)
         x_prev, s_prev = x_a, s_a
     assert bool((s_prev >= 0.5 - 1e-12).all())
+
+
+@settings(max_examples=10)
+@given(tau_a=st.floats(0.2, 1.0), m=st.sampled_from([0.4, 3.2]), b=st.floats(-3, 3))
+def test_micro_window_is_sigma_secant(tau_a, m, b):
+    """Eq. 6 averages pi over the window in sigma (the paper's t), at any shift: for pi = a + b sigma the result is the
+    hand Euler average over the window's W substeps (a raw-time secant would be off by d sigma / d tau; W = 1 gives
+    the local velocity); the straight trajectories of a K = 1, s = 0 GM policy at t_src = 1 give exactly their
+    constant velocity x_src - mu."""
+    B, a = 3, torch.tensor([0.5, -1.0])
+    tau = torch.full((B,), tau_a)
+    cfg = pf.PiIDConfig(shift=m)
+    mu, x_src = torch.randn(2, B, 1, 2, generator=torch.Generator().manual_seed(1))
+    gm = pf.GMPolicy.from_x0(mu, torch.zeros(B, 1, 1), 0.0, x_src[:, 0], 1.0)
+    x_on = mu[:, 0] + (x_src[:, 0] - mu[:, 0]) * warp(tau_a, m)      # on the straight trajectory at tau_a
+    for W in range(1, 13):
+        w = W / 128
+        want, n = euler_average(a, b, tau_a, tau_a - w, m)
+        assert n == W
+        if W == 1:                                                    # < 2 substeps: the local velocity (Alg. 1)
+            want = a + b * warp(tau_a, m)
+        pol = LinearPolicy(a, b, x_on, 1.0)
+        got = pf.average_velocity(pol, x_on, tau, tau - w, cfg)
+        assert torch.allclose(got, want.expand(B, 2), rtol=1e-12, atol=1e-12), W
+        avg = pf.average_velocity(gm, x_on, tau, tau - w, cfg)
+        assert torch.allclose(avg, x_src[:, 0] - mu[:, 0], rtol=1e-12, atol=1e-12), W
+
+
+@pytest.mark.parametrize("ratio, total", [(0.0, 128), (1.0, 128), (0.0, 64)])
+def test_segment_loss_matches_window_average(ratio, total):
+    """Eq. 6 (and Eq. 5) reach the loss: each teacher query x_a at tau_a adds 1/2 mean |avg - G_theta(x_a)|^2, avg the
+    learner's Euler average over [tau_a, tau_b - w]: the window after x_a on-policy (ratio 0), the teacher's step plus
+    window at ratio 1, where tau_b is the next query (the last one ends at tau_dst) and the states follow the teacher's
+    Euler steps in the shifted sigma. Segment 5/7 -> 3/7 at shift 3.2: the substep is (2/7) / round(total * 2/7), i.e.
+    (2/7) / 37 at 128 substeps per unit and (2/7) / 18 at 64, and the window is 3 substeps."""
+    m, B = 3.2, 4
+    a, b = torch.tensor([0.5, -1.0, 2.0]), 1.7
+    x_src = torch.randn(B, 3, generator=torch.Generator().manual_seed(7))
+    pol = LinearPolicy(a, b, x_src, torch.full((B,), warp(5 / 7, m)))
+    u = lambda x, s, c=None: 0.3 * x + s[:, None]
+    teacher = Recorder(u)
+    cfg = pf.PiIDConfig(shift=m, num_intermediate=3, window_substeps=3, loss_scale=3.0, total_substeps=total)
+    g = torch.Generator().manual_seed(0)
+    loss, x_dst = pf.piid_segment_loss(pol, teacher, None, torch.full((B,), 5 / 7), torch.full((B,), 2 / 7), cfg, ratio,
+                                       g)
+    w = 3 * (2 / 7) / {128: 37, 64: 18}[total]
+    want = torch.zeros(B)
+    for bi in range(B):
+        taus = [float(s[bi]) / (m + (1 - m) * float(s[bi])) for _, s in teacher.calls]   # unwarp by hand
+        ends = [t - w for t in taus] if ratio == 0 else [t - w for t in taus[1:]] + [3 / 7]
+        for (x_q, s_q), t, e in zip(teacher.calls, taus, ends):
+            avg, n = euler_average(a, b, t, e, m, total)
+            if n < 2:
+                avg = a + b * float(s_q[bi])
+            want[bi] += 3.0 * 0.5 * ((avg - u(x_q, s_q)[bi]) ** 2).mean() / 3
+    assert len(teacher.calls) == 3 and x_dst is None                     # x_dst only when asked
+    assert torch.allclose(loss, want, rtol=1e-12, atol=0)
+    taus = torch.stack([s for _, s in teacher.calls]).T                # (B, n) queried sigmas, in visiting order
+    taus = taus / (m + (1 - m) * taus)
+    assert bool((taus >= 3 / 7 + w - 1e-12).all() & (taus <= 5 / 7 + 1e-12).all())   # states stay in [dst + w, src]
+    if ratio == 0:                                                       # visited in order, all after x_src
+        assert bool((torch.diff(taus, dim=1) < 0).all() & (taus[:, 0] < 5 / 7).all())
+    else:                                                                # teacher Euler steps from x_src on
+        assert bool((torch.diff(taus, dim=1) <= 0).all()) and torch.allclose(taus[:, 0], torch.tensor(5 / 7))
+        (x0, s0), (x1, s1), (x2, s2) = teacher.calls
+        assert torch.allclose(x0, x_src) and torch.allclose(x1, x0 + u(x0, s0) * (s1 - s0)[:, None], atol=1e-12)
+        assert torch.allclose(x2, x1 + u(x1, s1) * (s2 - s1)[:, None], atol=1e-12)
+
+
+def test_teacher_ratio_schedule():
+    """App. B.2 (2K decay iterations in Table 9): the teacher share falls linearly from 1 at step 0 to 0 at
+    decay_iters and stays 0; decay_iters = 0 is on-policy from the start."""
+    for step, want in [(0, 1.0), (1, 0.9995), (500, 0.75), (1000, 0.5), (1999, 0.0005), (2000, 0.0), (5000, 0.0)]:
+        assert math.isclose(pf.teacher_ratio(step, 2000), want, rel_tol=1e-12, abs_tol=1e-15), step
+    assert pf.teacher_ratio(0, 0) == 0.0 and pf.teacher_ratio(7, 0) == 0.0
+    assert pf.teacher_ratio(0, 1) == 1.0 and pf.teacher_ratio(1, 1) == 0.0
+
+
+class ConstStudent:
+    """Student whose policy has a constant velocity c(sigma_src) (B, D), Euler-exact; it records its inputs."""
+
+    def __init__(self, c):
+        self.c, self.calls = c, []
+
+    def __call__(self, x_t, sigma):
+        self.calls.append((x_t.clone(), sigma.clone()))
+        return LinearPolicy(self.c(sigma), 0.0, x_t, sigma)
+
+
+@pytest.mark.parametrize("per_segment_backward", [False, True])
+def test_data_free_weights_segments_by_raw_length(per_segment_backward):
+    """Alg. 3: segment i's loss is weighted by its raw length tau_src - tau_dst (line 13) and the next segment starts
+    at the detached policy's x_dst (line 14). With a constant-velocity student c_i = theta (1 + 2 sigma_i) k and a zero
+    teacher, segment i's loss is loss_scale 1/2 mean c_i^2 whatever the states; nfe 3 with a half final step has raw
+    lengths 0.4, 0.4, 0.2. One backward per segment gives the gradient of the weighted sum."""
+    m, theta, k = 2.0, torch.nn.Parameter(torch.tensor(0.7)), torch.tensor([1.0, -0.5])
+    student = ConstStudent(lambda sigma: theta * (1 + 2 * sigma)[:, None] * k)
+    teacher = lambda x, s: torch.zeros_like(x)
+    cfg = pf.PiIDConfig(nfe=3, shift=m, final_step_scale=0.5, num_intermediate=2, window_substeps=3, loss_scale=3.0,
+                        gm_dropout=0.5)                                # GM dropout leaves other policies alone
+    noise = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
+    total = pf.piid_data_free(student, teacher, noise, None, cfg, backward=(lambda l: l.backward())
+                              if per_segment_backward else None)
+    if not per_segment_backward:
+        total.backward()
+    taus, k2 = [1.0, 0.6, 0.2, 0.0], float((k ** 2).mean())
+    sig = [warp(t, m) for t in taus]
+    want = sum((taus[i] - taus[i + 1]) * 3.0 * 0.5 * 0.49 * (1 + 2 * sig[i]) ** 2 * k2 for i in range(3))
+    grad = sum((taus[i] - taus[i + 1]) * 3.0 * 0.7 * (1 + 2 * sig[i]) ** 2 * k2 for i in range(3))
+    assert math.isclose(total.item(), want, rel_tol=1e-12) and math.isclose(theta.grad.item(), grad, rel_tol=1e-12)
+    assert total.requires_grad != per_segment_backward
+    x = noise
+    assert len(student.calls) == 3
+    for i, (x_in, s_in) in enumerate(student.calls):
+        assert torch.allclose(s_in, torch.tensor(sig[i]), rtol=0, atol=1e-15) and torch.allclose(x_in, x, atol=1e-13)
+        x = x + student.c(s_in).detach() * (sig[i + 1] - sig[i])      # exact x_dst of a constant velocity
+
+
+@pytest.mark.parametrize("step", [0, 250, 500, 1000, 3000])
+def test_teacher_share_follows_schedule(step):
+    """Eq. 5 / App. B.2 in both training steps: at step s the teacher covers the share r = 1 - s / 1000 (0 from step
+    1000) of each segment (w = 0, shift 1, nfe 2: seg = 0.5). Student velocity c and teacher velocity d are constant
+    (Euler-exact), so a state reached after raw lengths S (policy) and T (teacher) is x_src - c S - d T, and
+    S + T = sigma_src - sigma. Data-free: segment 0's x_dst gives T = r seg exactly. Data-dependent: every query has
+    S <= (1 - r) seg and T <= r seg (so S = 0 at r = 1 and T = 0 at r = 0)."""
+    r, seg = max(1 - step / 1000, 0.0), 0.5
+    c, d = torch.tensor([1.0, -0.5]), torch.tensor([-2.0, 0.25])
+    student = ConstStudent(lambda sigma: c.expand(sigma.shape[0], 2))
+    teacher = Recorder(lambda x, s, cond=None: d.expand_as(x))
+    cfg = pf.PiIDConfig(nfe=2, num_intermediate=3, decay_iters=1000)
+    g = torch.Generator().manual_seed(step)
+    if step:
+        pf.piid_data_free(student, teacher, torch.randn(6, 2, generator=g), None, cfg, step, g)
+    else:                                                               # the default step is 0
+        pf.piid_data_free(student, teacher, torch.randn(6, 2, generator=g), None, cfg, generator=g)
+    (x_src, _), (x_dst, s_dst) = student.calls
+    assert torch.allclose(s_dst, torch.tensor(seg), rtol=0, atol=1e-15)
+    T = ((x_src - x_dst) - c * seg) / (d - c)                          # (B, 2), both columns agree
+    assert torch.allclose(T, torch.tensor(r * seg), rtol=0, atol=1e-12), (T, r)
+    student.calls.clear(), teacher.calls.clear()
+    if step:
+        pf.piid_data_dependent(student, teacher, torch.randn(64, 2, generator=g), None, cfg, step, g)
+    else:
+        pf.piid_data_dependent(student, teacher, torch.randn(64, 2, generator=g), None, cfg, generator=g)
+    (x_src, s_src), = student.calls
+    assert len(teacher.calls) == 3
+    for x_q, s_q in teacher.calls:
+        span = (s_src - s_q)[:, None]                                   # S + T
+        S = ((x_src - x_q) - d * span) / (c - d)
+        assert bool((S >= -1e-12).all() & (S <= (1 - r) * seg + 1e-12).all())
+        assert bool((span - S >= -1e-12).all() & (span - S <= r * seg + 1e-12).all())
+
+
+def test_training_steps_reproducible_from_generator():
+    """Every random draw of a π-ID step (segment, noise, intermediate times, teacher gaps, GM dropout masks) comes
+    from the given generator: the same seed gives the same loss whatever the global RNG; another seed another loss."""
+    gm = random_gm(3, 4, 2, 0.1)
+    teacher = lambda x_t, sigma: exact_velocity(x_t, sigma, gm)
+    student = ExactStudent(gm)
+    with torch.no_grad():
+        student.delta.fill_(0.2)
+    cfg = pf.PiIDConfig(nfe=3, gm_dropout=0.5, num_intermediate=3, window_substeps=3, decay_iters=10)
+    x = torch.randn(16, 2, generator=torch.Generator().manual_seed(9))
+    for train_step in (pf.piid_data_dependent, pf.piid_data_free):
+        losses = []
+        for global_seed, seed in ((0, 1), (1, 1), (1, 2)):
+            torch.manual_seed(global_seed)
+            losses.append(train_step(student, teacher, x, None, cfg, 5, torch.Generator().manual_seed(seed)).item())
+        assert losses[0] == losses[1] != losses[2], (train_step.__name__, losses)
+
+
+def test_condition_reaches_student_and_teacher():
+    """With a condition, the student and the teacher are called as f(x_t, sigma, cond) with the sample's own condition
+    in both training steps and the sampler (cond=None calls f(x_t, sigma), as every other test here)."""
+    gm = random_gm(3, 3, 2, 0.1)
+    cond, seen = torch.arange(8), []
+
+    def student(x_t, sigma, c):
+        seen.append(c)
+        return data_policy(x_t, sigma, gm)
+
+    def teacher(x_t, sigma, c):
+        seen.append(c)
+        return exact_velocity(x_t, sigma, gm)
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    cfg = pf.PiIDConfig(nfe=2, num_intermediate=2)
+    pf.piid_data_dependent(student, teacher, x, cond, cfg)
+    pf.piid_data_free(student, teacher, x, cond, cfg)
+    pf.sample(student, x, cond, 2)
+    assert len(seen) == (1 + 2) + 2 * (1 + 2) + 2 and all(c is cond for c in seen)
+
+
+def test_gm_dropout_acts_on_the_rollout_policy():
+    """§5.1: the states come from the GM-dropped-out detached policy, one mask per sample from the generator. Two
+    components with s = 0 at t_src = 1: a sample with one component dropped moves on the straight line to the kept
+    mean; the undropped two-component trajectory is curved, so without dropout no state lies on either line."""
+    B = 64
+    mu = torch.tensor([[-2.0, 0.0], [2.0, 1.0]]).expand(B, 2, 2)
+    x_src = torch.randn(B, 2, generator=torch.Generator().manual_seed(0))
+    pol = pf.GMPolicy.from_x0(mu, torch.full((B, 2, 1), math.log(0.5)), 0.0, x_src, 1.0)
+    teacher = Recorder(lambda x_t, sigma, c=None: torch.zeros_like(x_t))
+    for p in (0.0, 0.5):
+        teacher.calls.clear()
+        cfg = pf.PiIDConfig(num_intermediate=1, gm_dropout=p)
+        pf.piid_segment_loss(pol, teacher, None, torch.ones(B), torch.full((B,), 0.5), cfg, 0.0,
+                             torch.Generator().manual_seed(1))
+        x_a, s_a = teacher.calls[0]
+        on_line = sum((x_a - (mu[:, k] + (x_src - mu[:, k]) * s_a[:, None])).abs().amax(1) < 1e-9 for k in (0, 1))
+        assert (0 < int(on_line.sum()) < B) if p else int(on_line.sum()) == 0, (p, int(on_line.sum()))
+
+
+def test_random_draws_follow_the_data_dtype():
+    """A training step on float32 data draws its segments, noise and intermediate times in fixed dtypes (float64
+    segments, the data's dtype otherwise), so the same generator gives the same states and loss under torch's float32
+    and float64 default dtype (to float32 precision)."""
+    g = torch.Generator().manual_seed(0)
+    c_means = torch.randn(3, 2, generator=g, dtype=torch.float32)
+    x0 = torch.randn(16, 2, generator=g, dtype=torch.float32)
+
+    def student(x_t, sigma):                                          # a float32 GM policy
+        means = x_t[:, None] * 0.5 + c_means
+        B = x_t.shape[0]
+        return pf.GMPolicy(means, torch.full((B, 3, 1), -math.log(3.0)), torch.full((B, 1, 1), -1.0), x_t, sigma)
+    cfg = pf.PiIDConfig(nfe=3, num_intermediate=2, window_substeps=3, decay_iters=10)
+    runs, old = [], torch.get_default_dtype()
+    try:
+        for dtype in (torch.float32, torch.float64):
+            torch.set_default_dtype(dtype)
+            teacher = Recorder(lambda x_t, sigma, c=None: 0.3 * x_t.double())   # a float64 teacher output
+            segments = pf.sample_segment(16, cfg, torch.Generator().manual_seed(1))
+            loss = pf.piid_data_dependent(student, teacher, x0, None, cfg, 5, torch.Generator().manual_seed(2))
+            assert dtype == torch.float64 or loss.dtype == torch.float32   # cast to the states' dtype
+            runs.append((segments, loss, teacher.calls))
+    finally:
+        torch.set_default_dtype(old)
+    (seg32, loss32, calls32), (seg64, loss64, calls64) = runs
+    assert all(torch.equal(a, b) for a, b in zip(seg32, seg64)) and seg32[0].dtype == torch.float32
+    for (xa, sa), (xb, sb) in zip(calls32, calls64):
+        assert torch.allclose(xa.double(), xb.double(), rtol=1e-5, atol=1e-5)
+        assert torch.allclose(sa.double(), sb.double(), rtol=0, atol=1e-6)
+    assert torch.allclose(loss32.double(), loss64.double(), rtol=1e-5)
 
 
 def test_sample_segment_distribution():
@@ -511,6 +960,41 @@ def test_guided_teacher_interval():
     assert torch.equal(u[:, 0], torch.tensor([11.0, 11.0, 5.0]))
 
 
+def test_guided_teacher_paths():
+    """Guidance 1 is the plain conditional teacher (one call, batch B); otherwise one call on the doubled batch
+    [null; cond] at the same sigmas, the interval inclusive at both ends; the output keeps the teacher's dtype."""
+    calls = []
+
+    def base(x, sigma, c):
+        calls.append((x.shape[0], sigma.clone()))
+        return (x * c[:, None] + sigma[:, None]).to(x.dtype)
+    x, cond, sigma = torch.ones(2, 3), torch.tensor([5.0, 5.0]), torch.tensor([0.2, 0.1])
+    assert torch.equal(pf.guided_teacher(base, 1, torch.tensor([2.0]))(x, sigma, cond), base(x, sigma, cond))
+    assert [b for b, _ in calls] == [2, 2]
+    calls.clear()
+    u = pf.guided_teacher(base, 3.0, torch.tensor([2.0]), interval=(0.2, 0.7))(x, sigma, cond)
+    assert len(calls) == 1 and calls[0][0] == 4 and torch.equal(calls[0][1], torch.cat([sigma, sigma]))
+    # sigma 0.2 = lo is guided: u_null + 3 (u_cond - u_null) = 2.2 + 3 * 3 = 11.2; sigma 0.1 is not: u_cond = 5.1
+    assert torch.allclose(u[:, 0], torch.tensor([11.2, 5.1]), atol=1e-12)
+    bf16 = pf.guided_teacher(lambda x, s, c: base(x, s, c).bfloat16(), 3.0, torch.tensor([2.0]))(x, sigma, cond)
+    assert bf16.dtype == torch.bfloat16
+
+
+def test_cat_cond_batches_conditions():
+    """[null; cond] along the batch for tensors and dicts of them; a batch-1 null condition is expanded to the batch;
+    None on either side (an unconditional model) passes the other through; other values take cond's."""
+    null, cond = torch.tensor([[7.0, 8.0]]), torch.randn(2, 2)
+    assert torch.equal(pf._cat_cond(null, cond), torch.cat([null.expand(2, 2), cond]))
+    full = torch.randn(2, 2)
+    assert torch.equal(pf._cat_cond(full, cond), torch.cat([full, cond]))
+    seq_null, seq = torch.randn(1, 4, 3), torch.randn(2, 4, 3)
+    both = pf._cat_cond({"text": seq_null, "pooled": null}, {"text": seq, "pooled": cond})
+    assert torch.equal(both["text"], torch.cat([seq_null.expand(2, 4, 3), seq]))
+    assert torch.equal(both["pooled"], torch.cat([null.expand(2, 2), cond]))
+    assert pf._cat_cond(None, None) is None and pf._cat_cond(None, cond) is cond and pf._cat_cond(null, None) is null
+    assert pf._cat_cond("", "a prompt") == "a prompt"
+
+
 def test_ema_schedule_and_update():
     assert pf.ema_beta(3, start=5) == 0.0 and pf.ema_beta(5, start=5) == 0.0
     assert math.isclose(pf.ema_beta(14, gamma=7, start=5), (1 - 1 / 10) ** 8)
@@ -518,6 +1002,26 @@ def test_ema_schedule_and_update():
     w_ema, w = ema.weight.detach().clone(), model.weight.detach().clone()
     pf.ema_update(ema, model, 0.9)
     assert torch.allclose(ema.weight, 0.9 * w_ema + 0.1 * w)
+
+
+def test_ema_defaults_buffers_and_dicts():
+    """ema_beta's defaults (gamma = 7 from step 0): beta(9) = (1 - 1/10)^8. The EMA copies buffers (running statistics
+    are not averaged), keeps its own dtype (a float32 EMA of bf16 weights) and works on name -> tensor dicts (the
+    trainable parameters of a LoRA student) against a dict or a module."""
+    assert math.isclose(pf.ema_beta(9), 0.9 ** 8, rel_tol=1e-12) and pf.ema_beta(0) == 0.0
+    model, ema = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        model.running_mean.fill_(2.0)
+        model.weight.fill_(3.0)
+    pf.ema_update(ema, model, 0.75)
+    assert torch.equal(ema.running_mean, model.running_mean) and torch.allclose(ema.weight, torch.full((3,), 1.5))
+    ema_d = {"w": torch.ones(2, dtype=torch.float32)}
+    pf.ema_update(ema_d, {"w": torch.full((2,), 3.0, dtype=torch.bfloat16)}, 0.5)
+    assert ema_d["w"].dtype == torch.float32 and torch.equal(ema_d["w"], torch.full((2,), 2.0, dtype=torch.float32))
+    lin = torch.nn.Linear(2, 1)
+    ema_p = {"bias": torch.zeros(1)}
+    pf.ema_update(ema_p, lin, 0.5)
+    assert torch.allclose(ema_p["bias"], 0.5 * lin.bias.detach())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -536,6 +1040,97 @@ def test_sampler_exact_student_any_nfe():
             assert (out - want).abs().max() < 0.02, (nfe, shift)
     # 'auto' temperature is 0.1 (NFE - 1): at 1 NFE that means no temperature (it is never on the last step)
     assert torch.equal(pf.sample(student, noise, None, 1, temperature="auto"), pf.sample(student, noise, None, 1))
+
+
+class TracedGM(pf.GMPolicy):
+    """A GM policy that logs (its sigma_src, T) whenever it is tempered."""
+    log = []
+
+    def temperature(self, T):
+        TracedGM.log.append((float(self.sigma_src[0]), T))
+        return super().temperature(T)
+
+
+def traced_student(gm, temper=None):
+    """The exact student of `gm` returning TracedGM policies; `temper` = (T, sigmas): the student tempers the policy
+    itself at those sigma_src (a reference for where the sampler should apply T)."""
+    def student(x_t, sigma):
+        logw, means_x, var_post = exact_posterior(x_t, sigma, gm)
+        pol = TracedGM.from_x0(means_x, logw[:, :, None], var_post, x_t, sigma)
+        if temper and any(math.isclose(float(sigma[0]), s, rel_tol=1e-12) for s in temper[1]):
+            pol = pf.GMPolicy.temperature(pol, temper[0])
+        return pol
+    return student
+
+
+def test_sampler_temperature_never_on_last_step():
+    """App. B.1: GM temperature acts on every sampling step but the last. The sampler's tempered policies, recorded,
+    are exactly those of steps 0 .. NFE-2 ('auto' = 0.1 (NFE - 1): 0.3 at 4 NFE); at 1 NFE none is; and sampling
+    equals sampling untempered a student that tempers those same steps itself."""
+    gm = random_gm(5, 4, 2, 0.05)
+    noise = torch.randn(3, 2, generator=torch.Generator().manual_seed(4))
+    m = 3.2
+    sig = [warp(t, m) for t in (1, 5 / 7, 3 / 7, 1 / 7)]                # nfe 4, final step 1/2 (by hand)
+    for nfe, T, want in [(4, "auto", [(s, 0.3) for s in sig[:3]]), (4, 0.7, [(s, 0.7) for s in sig[:3]]),
+                         (2, "auto", [(1.0, 0.1)]), (1, 0.5, []), (4, None, [])]:
+        TracedGM.log.clear()
+        out = pf.sample(traced_student(gm), noise, None, nfe, m, 0.5 if nfe == 4 else 1.0, T, total_substeps=64)
+        got = TracedGM.log[:]
+        assert len(got) == len(want) and all(math.isclose(a, b, rel_tol=1e-12) and math.isclose(t, u, rel_tol=1e-12)
+                                             for (a, t), (b, u) in zip(got, want)), (nfe, T, got)
+        if want:
+            ref = traced_student(gm, (got[0][1], [s for s, _ in want]))  # the T used ('auto' 0.1 * 3 is not 0.3)
+            assert torch.equal(out, pf.sample(ref, noise, None, nfe, m, 0.5 if nfe == 4 else 1.0, None,
+                                              total_substeps=64))
+            assert not torch.equal(out, pf.sample(traced_student(gm), noise, None, nfe, m, 0.5 if nfe == 4 else 1.0,
+                                                  None, total_substeps=64))
+
+
+def test_temperature_resolution():
+    """'auto' = clip(0.1 (NFE - 1), 0, 1) (App. B.1 uses 0.3 at 4 NFE, 0.7 at 8); at 1 NFE it is off (None); an
+    explicit T > 0 is kept; 0, negatives and other values are refused, naming the argument."""
+    for nfe, T in [(2, 0.1), (4, 0.3), (8, 0.7), (11, 1.0), (30, 1.0)]:
+        assert math.isclose(pf.auto_temperature(nfe), T, rel_tol=1e-12)
+        assert math.isclose(pf.resolve_temperature("auto", nfe), T, rel_tol=1e-12)
+    assert pf.auto_temperature(1) == 0.0 and pf.resolve_temperature("auto", 1) is None
+    assert pf.resolve_temperature(None, 4) is None
+    assert pf.resolve_temperature(0.5, 1) == 0.5 and pf.resolve_temperature(2, 4) == 2
+    for bad in (0, 0.0, -0.5, "hot", [0.3]):
+        with pytest.raises(ValueError, match="temperature"):
+            pf.resolve_temperature(bad, 4)
+
+
+def test_sampler_keeps_training_schedule(capsys):
+    """sample() takes nfe, shift, final step and substeps from the student's piid_config (cfg= overrides it), refuses
+    a contradicting shift or final step, allows another nfe (elastic inference); the student is queried at the
+    hand-computed sigmas and each step takes round(total_substeps * dtau) substeps. progress=True shows a
+    'pi-Flow sampling' bar; by default nothing is printed."""
+    calls = []
+
+    def student(x_t, sigma):
+        calls.append(LinearPolicy(torch.tensor([0.5, -1.0]), 0.0, x_t, sigma))
+        return calls[-1]
+    student.piid_config = pf.PiIDConfig(nfe=3, shift=3.2, final_step_scale=0.5, total_substeps=32)
+    noise = torch.randn(2, 2, generator=torch.Generator().manual_seed(0))
+
+    def schedule(**kw):
+        calls.clear()
+        out = pf.sample(student, noise, **kw)
+        return [float(p.sigma_src[0]) for p in calls], [len(p.queries) for p in calls], out
+    sig, n, out = schedule()                                            # taus 1, 0.6, 0.2, 0: 12.8, 12.8, 6.4 substeps
+    assert np.allclose(sig, [warp(t, 3.2) for t in (1.0, 0.6, 0.2)], rtol=1e-12, atol=0) and n == [13, 13, 6]
+    assert torch.allclose(out, noise - torch.tensor([0.5, -1.0]), atol=1e-12)          # constant velocity, sigma 1 -> 0
+    sig, n, _ = schedule(nfe=2, total_substeps=64)                      # taus 1, 1/3, 0: 42.7, 21.3 substeps
+    assert np.allclose(sig, [1.0, warp(1 / 3, 3.2)], rtol=1e-12, atol=0) and n == [43, 21]
+    sig, n, _ = schedule(cfg=pf.PiIDConfig(nfe=2, shift=2.0))           # taus 1, 0.5, 0: 64 substeps each
+    assert np.allclose(sig, [1.0, warp(0.5, 2.0)], rtol=1e-12, atol=0) and n == [64, 64]
+    assert schedule(shift=3.2, final_step_scale=0.5)[0] == schedule()[0]   # agreeing values are fine
+    for name, value in (("shift", 1.0), ("final_step_scale", 1.0)):
+        with pytest.raises(ValueError, match=f"^{name}="):
+            pf.sample(student, noise, **{name: value})
+    assert capsys.readouterr().err == ""
+    schedule(progress=True)
+    assert capsys.readouterr().err.lstrip("\r").startswith("pi-Flow sampling: ")
 
 
 class MLPStudent(torch.nn.Module):
@@ -638,3 +1233,42 @@ def test_bad_input_errors():
         pf.policy_rollout(pol, x, 1.0, 0.0, backend="cuda")
     with pytest.raises(ValueError, match="grid_u"):
         pf.DXPolicy(torch.randn(2, 3, 4, 4), x, 1.0, 0.25)
+    with pytest.raises(ValueError, match="grid_u"):
+        pf.DXPolicy(torch.randn(2, 3, 2, 4, 4), x, 1.0, 0.25)             # right rank, wrong channels
+    with pytest.raises(ValueError, match="segment_size"):
+        pf.DXPolicy(torch.randn(2, 3, 3, 4, 4), x, 1.0, 0.0)
+    with pytest.raises(ValueError, match="means"):
+        pf.GMPolicy(torch.randn(3, 5, 3, 4, 4), torch.zeros(3, 5, 1, 4, 4), logstds, x, 1.0)   # batch mismatch
+    for kw, bad in (("shift", 0.0), ("final_step_scale", 0.0), ("final_step_scale", 1.5)):
+        with pytest.raises(ValueError, match=kw):
+            pf.nfe_schedule(2, **{kw: bad})
+    for bad in (0, 64.0):
+        with pytest.raises(ValueError, match="total_substeps"):
+            pf.policy_rollout(pol, x, 1.0, 0.0, total_substeps=bad)
+    assert pf.policy_rollout(pol, x, 1.0, 0.0, total_substeps=1).shape == x.shape   # one substep per unit time is fine
+    for tau_from, tau_to in ((1.5, 0.0), (0.5, -0.1)):
+        with pytest.raises(ValueError, match="tau_from/tau_to"):
+            pf.policy_rollout(pol, x, tau_from, tau_to)
+
+
+def test_config_refusals_name_the_field():
+    """PiIDConfig refuses each bad field in one line 'name=value is not accepted; expected ...' and accepts the
+    boundary values."""
+    for name, value, accepted in [
+            ("nfe", 0, "an integer >= 1"), ("nfe", 2.0, "an integer >= 1"),
+            ("shift", 0.0, "a finite value > 0"), ("shift", math.inf, "a finite value > 0"),
+            ("final_step_scale", 0.0, "a value in (0, 1]"), ("final_step_scale", 1.5, "a value in (0, 1]"),
+            ("total_substeps", 0, "an integer >= 1"), ("total_substeps", 64.0, "an integer >= 1"),
+            ("num_intermediate", 0, "an integer >= 1"), ("num_intermediate", 2.0, "an integer >= 1"),
+            ("window_substeps", -1, "an integer >= 0"), ("window_substeps", 3.0, "an integer >= 0"),
+            ("gm_dropout", -0.1, "a probability in [0, 1)"), ("gm_dropout", 1.0, "a probability in [0, 1)"),
+            ("loss_scale", 0.0, "a finite value > 0"), ("loss_scale", math.nan, "a finite value > 0"),
+            ("decay_iters", -1, "an integer >= 0"), ("decay_iters", 10.0, "an integer >= 0"),
+            ("rollout_backend", "cuda", "auto|torch|fused")]:
+        message = f"{name}={value!r} is not accepted; expected {accepted}"
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            pf.PiIDConfig(**{name: value})
+    pf.PiIDConfig(nfe=1, shift=1e-3, final_step_scale=1.0, total_substeps=1, num_intermediate=1, window_substeps=0,
+                  gm_dropout=0.0, loss_scale=1e-3, decay_iters=0)
+    for backend in ("auto", "torch", "fused"):
+        assert pf.PiIDConfig(rollout_backend=backend).rollout_backend == backend
