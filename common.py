@@ -137,8 +137,9 @@ def load_tensors(path, what):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure is the user's file
-        kind = "needs unpickling, which can run code; refused" if "weights_only" in str(e) or \
-            "Unsupported global" in str(e) else f"is not a readable checkpoint ({type(e).__name__})"
+        msg = str(e)                                 # a pickled object (GLOBAL) vs a corrupt or foreign file
+        kind = "needs unpickling, which can run code; refused" if "GLOBAL" in msg or "Unsupported global" in msg \
+            else f"is not a readable checkpoint ({type(e).__name__})"
         raise UserError(f"{what}={path!r} {kind}") from None
 
 

@@ -1,21 +1,30 @@
-"""Tests of the toy lab: exact teacher, embedded default, DDP equivalence, resume, bad input (CPU, no downloads)."""
+"""Tests of the toy: exact velocity, teacher network, teacher-initialised students, the shipped student, the default
+sample grid, the lab's --jobs independence, the 2-D distillation recipe and the §3.3 bound (CPU, no downloads).
+
+Ground truth: a numpy covariance-form GM posterior, scipy's DOP853, an RK4 written here, the paper's
+initialisation identity (policy velocity at x_src = mean of the K initial means), and a recomputation of every
+tile of the default PNG. Thresholds are measured values with a stated margin (comments give the measurements).
+"""
+import json
 import os
-import subprocess
-import sys
+import re
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import common
 import piflow
 import sample
 import toy
-import train_imagenet
+import toy2d
+import toy_bound
+import toy_lab
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(1)
 DATA = toy.ToyData()
+TEACHER = toy.load_teacher()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -24,14 +33,11 @@ def flush_denormals():
     torch.set_flush_denormal(True)
     yield
     torch.set_flush_denormal(False)
-ALIGN_THRESHOLD = 0.06    # shipped 4-NFE student: mean teacher-alignment MSE (measured 0.048; teacher Euler 0.069)
-MEDIAN_THRESHOLD = 5e-4   # ... and median per-sample MSE (measured 3.0e-5; teacher Euler 5.2e-3)
 
 
 def numpy_velocity(x_t, sigma, weights, protos, var):
     """u = E[eps - x0 | x_t] for p(x0) = sum_j w_j N(m_j, var I), written in covariance form with numpy."""
     a = 1 - sigma
-    D = x_t.shape[0]
     v_t = a * a * var + sigma * sigma                                      # marginal variance of x_t | j
     logp = np.log(np.where(weights > 0, weights, 1e-300)) - 0.5 * ((x_t[None] - a * protos) ** 2).sum(1) / v_t
     logp = np.where(weights > 0, logp, -np.inf)
@@ -43,7 +49,7 @@ def numpy_velocity(x_t, sigma, weights, protos, var):
 
 @settings(deadline=None, max_examples=25, derandomize=True)
 @given(sigma=st.floats(0.02, 1.0), c=st.integers(0, toy.NUM_CLASSES), w=st.floats(1.0, 4.0), seed=st.integers(0, 1000))
-def test_teacher_velocity_matches_numpy_posterior(sigma, c, w, seed):
+def test_exact_velocity_matches_numpy_posterior(sigma, c, w, seed):
     protos = DATA.protos.flatten(1).numpy()
     g = torch.Generator().manual_seed(seed)
     x0 = DATA.sample(torch.tensor([c]), g).double()
@@ -51,7 +57,6 @@ def test_teacher_velocity_matches_numpy_posterior(sigma, c, w, seed):
     u = toy.ToyTeacher(DATA)(x_t, torch.tensor([sigma], dtype=torch.float64), torch.tensor([c]))
     ref_c = numpy_velocity(x_t.flatten().numpy(), sigma, DATA.weights[c].numpy(), protos, DATA.var)
     np.testing.assert_allclose(u.flatten().numpy(), ref_c, rtol=1e-7, atol=1e-7)
-    # classifier-free guidance: unconditional = the class-averaged mixture (null class)
     ref_null = numpy_velocity(x_t.flatten().numpy(), sigma, DATA.weights[:toy.NUM_CLASSES].mean(0).numpy(),
                               protos, DATA.var)
     guided = piflow.guided_teacher(toy.ToyTeacher(DATA), w, torch.tensor([toy.NUM_CLASSES]))
@@ -59,132 +64,196 @@ def test_teacher_velocity_matches_numpy_posterior(sigma, c, w, seed):
     np.testing.assert_allclose(u_g.flatten().numpy(), ref_null + w * (ref_c - ref_null), rtol=1e-6, atol=1e-6)
 
 
-def test_teacher_ode_endpoint_is_accurate_and_on_the_data():
-    """solve_ivp endpoint == an independent fixed-step RK4 solution (400 steps); endpoints sit near a prototype
-    of their own class."""
-    g = torch.Generator().manual_seed(0)
-    cond = torch.arange(4)
-    noise = torch.randn((4,) + toy.IMG, generator=g, dtype=torch.float64)
-    teacher = toy.ToyTeacher(DATA)
-    x = toy.teacher_ode(teacher, noise, cond).double()
-    f = lambda x, s: teacher(x, torch.full((4,), s, dtype=torch.float64), cond)
-    x_e, n = noise.clone(), 400
+def rk4_reference(f, x, n, end=1e-9):
+    """Fixed-step RK4 from sigma 1 to `end` written here (independent of toy.teacher_rk4)."""
     for i in range(n):
         s, h = 1 - i / n, -1 / n
-        k1 = f(x_e, s)
-        k2 = f(x_e + h / 2 * k1, s + h / 2)
-        k3 = f(x_e + h / 2 * k2, s + h / 2)
-        k4 = f(x_e + h * k3, max(s + h, 1e-9))
-        x_e = x_e + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-    assert (x - x_e).abs().max() < 2e-3
-    assert (DATA.proto_class[DATA.nearest_proto(x)] == cond).all()
+        k1 = f(x, s)
+        k2 = f(x + h / 2 * k1, s + h / 2)
+        k3 = f(x + h / 2 * k2, s + h / 2)
+        k4 = f(x + h * k3, max(s + h, end))
+        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return x
 
 
-def test_sample_default_png_and_metrics(tmp_path):
-    from PIL import Image
-    out = str(tmp_path / "grid.png")
-    m = sample.main(["--nfe", "4", "--out", out])
-    k, tile = 8, 4 * toy.IMG[1]                                             # 8 per class, 4x upscaled 8x8 tiles
-    W = 2 * k * (tile + 2) + (8 + 2) + 2
-    H = toy.NUM_CLASSES * (tile + 2) + 2
-    assert Image.open(out).size == (W, H)
-    assert all(np.isfinite(v) for v in m.values())
+def test_teacher_network_fits_the_exact_velocity_and_its_ode():
+    """The shipped teacher network vs the exact GM: velocity relative MSE (measured 8.3e-4) and the ODE endpoints
+    of both (median per-sample MSE measured ~1e-5; the mean is dominated by ~1 % of samples on a neighbouring
+    prototype). The exact endpoint: scipy DOP853 == the RK4 written here; the network's: toy.teacher_rk4 == it."""
+    g = torch.Generator().manual_seed(5)
+    c = torch.randint(toy.NUM_CLASSES + 1, (512,), generator=g)
+    sigma = torch.rand(512, generator=g).clamp(min=1e-3)
+    x0 = DATA.sample(torch.where(c == toy.NUM_CLASSES, 0, c), g)
+    x_t = piflow.diffuse(x0, torch.randn(x0.shape, generator=g), sigma)
+    with torch.no_grad():
+        u, u_net = toy.ToyTeacher(DATA)(x_t, sigma, c), TEACHER(x_t, sigma, c)
+    assert float((u_net - u).pow(2).mean() / u.pow(2).mean()) < 2e-3
+    cond, noise = torch.arange(8), torch.randn((8,) + toy.IMG, generator=g)
+    exact = toy.ToyTeacher(DATA)
+    x_exact = toy.teacher_ode(exact, noise, cond).double()
+    f = lambda x, s: exact(x, torch.full((8,), s, dtype=torch.float64), cond)
+    assert (x_exact - rk4_reference(f, noise.double(), 400)).abs().max() < 2e-3
+    net64 = toy.ToyNet(192, 3).double()
+    net64.load_state_dict(TEACHER.state_dict())
+    with torch.no_grad():
+        x_net = rk4_reference(lambda x, s: net64(x, torch.full((8,), s, dtype=torch.float64), cond),
+                              noise.double(), 256, end=0.0)
+    with torch.no_grad():                                                  # the same RK4 in float32: same numbers
+        x_32 = rk4_reference(lambda x, s: TEACHER(x, torch.full((8,), s), cond), noise, 64, end=0.0)
+    torch.testing.assert_close(toy.teacher_rk4(TEACHER, noise, cond), x_32, rtol=0, atol=1e-6)
+    assert (x_32.double() - x_net).pow(2).mean() < 1e-7                    # 64 vs 256 steps: measured 8e-9
+    assert (x_net - x_exact).pow(2).flatten(1).mean(1).median() < 1e-3
+    assert (DATA.proto_class[DATA.nearest_proto(x_net)] == cond).all()
 
 
-def test_shipped_checkpoint_beats_teacher_euler():
-    """4-NFE EMA student vs the exact teacher ODE endpoint (same noise) and vs the teacher's own 4-step Euler."""
-    student, a = sample.load_student(sample.DEFAULT_CKPT)
-    teacher = toy.ToyTeacher(DATA)
+def test_teacher_initialised_students_start_at_the_teacher_velocity():
+    """App. C.1: at step 0 the GM policy's velocity at (x_src, sigma_src) = the mean of its K initial means = the
+    teacher's u + the mean bias noise (std 0.05 / sqrt(K)); DX and shortcut students reproduce u exactly."""
+    g = torch.Generator().manual_seed(0)
+    x, sigma, cond = torch.randn((6,) + toy.IMG, generator=g), torch.rand(6, generator=g) * 0.9 + 0.1, torch.arange(6)
+    with torch.no_grad():
+        u = TEACHER(x, sigma, cond)
+    for opts in (toy.Options(policy="gm", K=8), toy.Options(policy="dx", N=10), toy.Options(policy="shortcut")):
+        torch.manual_seed(1)
+        student = toy.ToyStudent(opts, piflow.PiIDConfig(nfe=4), TEACHER)
+        with torch.no_grad():
+            v = student(x, sigma, cond).velocity(x, sigma)
+        if opts.policy != "gm":
+            torch.testing.assert_close(v, u, rtol=0, atol=1e-6)
+            continue
+        noise = (student.proj_out_means.bias.detach().view(8, -1) - TEACHER.proj_out.bias).view(8, *toy.IMG)
+        assert 0.03 < float(noise.std()) < 0.07 and float(noise.mean(0).abs().max()) < 4 * 0.05 / 8 ** 0.5
+        torch.testing.assert_close(v - u, noise.mean(0).expand_as(u), rtol=0, atol=2e-5)
+        assert torch.equal(student.proj_out_means.weight.view(8, 64, -1)[3], TEACHER.proj_out.weight)
+        assert all(torch.equal(p, TEACHER.get_parameter(k)) for k, p in student.named_parameters() if k in
+                   dict(TEACHER.named_parameters()))
+
+
+# Shipped 4-NFE student on 100 fixed test samples (seed 123), mean alignment MSE to the teacher's ODE endpoint,
+# measured: NFE 1 / 2 / 4: 0.112 / 0.040 / 0.0131; teacher Euler 0.304 / 0.135 / 0.0827 (ratio 0.16 at 4 NFE).
+SHIPPED = {1: 0.15, 2: 0.06, 4: 0.02}            # thresholds per NFE (~1.4x the measured values)
+SHIPPED_RATIO = 0.3                              # student / teacher Euler at 4 NFE must stay below this
+
+
+def test_shipped_student_beats_teacher_euler():
+    student, st = toy.load_student(toy.DEFAULT_CKPT)
+    assert st["init"] in ("auto", "teacher") and os.path.getsize(toy.DEFAULT_CKPT) < 5e6
     g = torch.Generator().manual_seed(123)
     cond = torch.arange(toy.NUM_CLASSES).repeat_interleave(10)
     noise = torch.randn((len(cond),) + toy.IMG, generator=g)
-    x_T = toy.teacher_ode(teacher, noise, cond)
-    err_s = (piflow.sample(student, noise, cond, 4) - x_T).pow(2).flatten(1).mean(1)              # (B,)
-    err_e = (toy.teacher_euler(teacher, noise, cond, 4) - x_T).pow(2).flatten(1).mean(1)
-    assert err_s.mean() < ALIGN_THRESHOLD and err_s.mean() < 0.8 * err_e.mean()          # measured ratio 0.69
-    assert err_s.median() < MEDIAN_THRESHOLD and err_s.median() < 0.05 * err_e.median()  # measured ratio 0.006
-    assert os.path.getsize(sample.DEFAULT_CKPT) < 5e6
+    ref = toy.teacher_rk4(TEACHER, noise, cond)
+    for nfe, limit in SHIPPED.items():
+        err_s = toy.teacher_alignment(piflow.sample(student, noise, cond, nfe), ref)
+        err_e = toy.teacher_alignment(toy.teacher_euler(TEACHER, noise, cond, nfe), ref)
+        assert err_s < limit and err_s < err_e, (nfe, err_s, err_e)
+        if nfe == 4:
+            assert err_s < SHIPPED_RATIO * err_e, (err_s, err_e)
 
 
-TINY = ["--teacher", "toy", "--width", "32", "--depth", "1", "--K", "4", "--nfe", "2", "--batch-size", "8",
-        "--micro-batch", "4", "--warmup", "1", "--ema-start", "0", "--log-every", "0", "--eval-every", "0",
-        "--no-progress", "--threads", "1"]
+DEFAULT_ALIGN = 0.045     # `sample.py --nfe 4` (seed 0, 80 samples): measured 0.0362 (teacher Euler 0.0512)
 
 
-def params(path):
-    return torch.load(os.path.join(path, "ckpt.pt"), weights_only=False)["student"]
+def test_default_sample_png_pixels_and_alignment(tmp_path):
+    """`sample.py --nfe 4`: every student tile and every teacher tile of the PNG equals an independent recomputation
+    (piflow.sample / an RK4 of the teacher, toy.to_uint8), pixel for pixel; the printed alignment beats teacher
+    Euler."""
+    from PIL import Image
+    out = str(tmp_path / "grid.png")
+    res = sample.main(["--nfe", "4", "--out", out])
+    student, _ = toy.load_student(toy.DEFAULT_CKPT)
+    cond = torch.arange(toy.NUM_CLASSES).repeat_interleave(8)
+    noise = torch.randn((len(cond),) + toy.IMG, generator=torch.Generator().manual_seed(0))
+    x = piflow.sample(student, noise, cond, 4)
+    with torch.no_grad():
+        x_t = rk4_reference(lambda y, s: TEACHER(y, torch.full((len(cond),), s), cond), noise, 64, end=0.0)
+    img = np.asarray(Image.open(out).convert("RGB"))
+    tile, pad, ncol = 4 * toy.IMG[1], 2, 2 * 8 + 1
+    left = img.shape[1] - ncol * (tile + pad) - pad                        # the label column and header heights
+    top = img.shape[0] - toy.NUM_CLASSES * (tile + pad) - pad
+    for i in range(len(cond)):
+        c, j = divmod(i, 8)
+        for col, xs in ((j, x), (j + 9, x_t)):
+            y0, x0 = top + pad + c * (tile + pad), left + pad + col * (tile + pad)
+            got = img[y0:y0 + tile, x0:x0 + tile]
+            want = toy.to_uint8(xs[i:i + 1])[0]
+            assert (got == want[..., None]).all(), (i, col)
+    m = res["all_metrics"]
+    assert res["metrics"]["align"] < DEFAULT_ALIGN and m["student"]["align"] < m["teacher Euler"]["align"]
+    assert abs(res["metrics"]["align"] - toy.teacher_alignment(x, x_t)) < 1e-6
 
 
-def test_torchrun_two_processes_equal_single_process(tmp_path):
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    train_imagenet.main(TINY + ["--steps", "3", "--out", one])
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "train_imagenet.py")] + TINY + ["--steps", "3", "--out", two],
-                       cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    p1, p2 = params(one), params(two)
-    torch.manual_seed(0)                                                     # the trainer's init seed
-    p0 = train_imagenet.build_student(vars(train_imagenet.parse_args(TINY))).state_dict()
-    moved = max((p1[k] - p0[k]).abs().max().item() for k in p1)
-    diff = max((p1[k] - p2[k]).abs().max().item() for k in p1)
-    assert moved > 1e-3                                                      # training actually moved the weights
-    assert diff < 1e-4 and diff < 0.01 * moved                               # float32 summation-order noise only
+def test_lab_quick_json_is_independent_of_jobs(tmp_path):
+    """`toy.py lab --quick` with 1 and 2 worker processes: identical per-seed metrics and verdicts; every row
+    and claim of the quick table present."""
+    rows = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"j{jobs}"
+        toy.main(["lab", "--quick", "--steps", "2", "--seeds", "2", "--per-class", "2", "--jobs", str(jobs),
+                  "--out", str(out)])
+        rows[jobs] = json.loads((out / "table.json").read_text())
+    strip = lambda t: ([{k: v for k, v in r.items() if k != "cpu_s"} for r in t["rows"]], t["claims"])
+    assert strip(rows[1]) == strip(rows[2])
+    expected = {(label, n) for _, label, _, nfes, _ in toy_lab.lab_rows(True) for n in nfes}
+    expected |= {(toy_lab.EULER, n) for n in (1, 4)}
+    got = {(r["student"], r["nfe"]) for r in rows[1]["rows"]}
+    assert expected <= got and all(len(r["seeds"]) == 2 for r in rows[1]["rows"])
+    assert {c["verdict"] for c in rows[1]["claims"]} <= {"REPRODUCES", "CONTRADICTED", "inconclusive at this budget",
+                                                         "agree (ranges overlap)"} | {
+        f"differ ({w} is better on every seed)" for w in ("first", "second")}
 
 
-@pytest.mark.parametrize("extra", [[], ["--data-dependent", "--policy", "dx", "--N", "4"],
-                                   ["--cosine", "--total-substeps", "16"]])
-def test_resume_continues_identically(tmp_path, extra):
-    full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    train_imagenet.main(TINY + extra + ["--steps", "4", "--out", full])
-    train_imagenet.main(TINY + extra + ["--steps", "2", "--out", part])                 # "interrupted" at step 2
-    train_imagenet.main(TINY + extra + ["--steps", "4", "--out", part, "--resume"])
-    ck_f = torch.load(os.path.join(full, "ckpt.pt"), weights_only=False)
-    ck_p = torch.load(os.path.join(part, "ckpt.pt"), weights_only=False)
-    assert ck_p["step"] == 4
-    for key in ("student", "ema"):
-        assert all(torch.equal(ck_f[key][k], ck_p[key][k]) for k in ck_f[key])
+def test_distill_your_own_2d_teacher_beats_its_euler_sampler(tmp_path):
+    """The README recipe end to end: a 2-D flow-matching teacher trained here, PolicyStudent + distill (trainer.train)
+    at 4 NFE, then alignment to the teacher's ODE. Measured (training seeds 0, 1, 2): student 4.0e-4, 3.0e-4, 5.7e-4
+    vs teacher Euler 0.0646, a ratio <= 0.009; the thresholds leave a 5x margin."""
+    teacher = toy2d.train_teacher(steps=600, batch=256)
+    x, sigma = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)), torch.rand(64) * 0.9 + 0.1
+    for policy in ("gm", "dx"):                      # step 0: the teacher's velocity (GM: + the mean bias noise)
+        torch.manual_seed(0)
+        s0 = toy2d.PolicyStudent(teacher, policy)
+        with torch.no_grad():
+            v, u = s0(x, sigma).velocity(x, sigma), teacher(x, sigma)
+        bias = s0.proj_out_means.bias.view(8, 2).mean(0) - teacher.out.bias if policy == "gm" else 0 * u
+        torch.testing.assert_close(v - u, bias.detach().expand_as(u), rtol=0, atol=2e-5)
+    student = toy2d.distill(teacher, str(tmp_path / "run"), "gm", steps=80, batch_size=64, total_substeps=64)
+    noise = torch.randn(500, 2, generator=torch.Generator().manual_seed(1234))
+    a = toy2d.alignment(student, teacher, noise)
+    assert a["student"] < 0.05 * a["teacher_euler"] and a["student"] < 3e-3, a
+    assert student.piid_config.nfe == 4 and (tmp_path / "run" / "ckpt.pt").exists()
 
 
-def test_bad_input_clear_errors_nothing_overwritten(tmp_path, capsys):
+def test_bound_slopes_separate_under_the_bounds_assumption():
+    """§3.3 bound on a small fixed-seed configuration: with a recovering teacher, behaviour cloning's trajectory
+    cost grows as n^2 and on-policy's as n (measured slopes 1.94 / 1.19 at full size); on the toy flow's last
+    segment on-policy is better at every n but by less than a power of n (slopes 1.94 / 1.76)."""
+    ns = (4, 8, 16, 32)
+    rec = [toy_bound.recovering_run(n, 1e-3, batch=8) for n in ns]
+    s_bc, s_on = (toy_bound.slope(ns, [r[k][0] for r in rec]) for k in ("bc", "on"))
+    e_bc, e_on = (toy_bound.slope(ns, [r[k][1] for r in rec]) for k in ("bc", "on"))
+    assert s_bc > 1.8 and s_on < 1.4 and s_bc - s_on > 0.5, (s_bc, s_on)
+    assert abs(e_bc - 1) < 1e-6 and e_on < 0.3, (e_bc, e_on)          # open loop: exactly n eps
+    flow = [toy_bound.flow_run(n, 1e-3, batch=8) for n in ns]
+    assert all(r["on"][0] <= r["bc"][0] for r in flow)
+
+
+def test_bad_input_one_line_errors(tmp_path, capsys):
     out = tmp_path / "keep.png"
     out.write_bytes(b"precious")
-    with pytest.raises(SystemExit):                                          # unknown teacher (argparse choices)
-        train_imagenet.main(["--teacher", "nope", "--out", str(tmp_path / "r")])
-    assert "--teacher" in capsys.readouterr().err and not (tmp_path / "r").exists()
-    with pytest.raises(SystemExit):
-        sample.main(["--nfe", "0", "--out", str(out)])
-    assert "--nfe=0" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="--ckpt=.*no such file"):
-        sample.main(["--ckpt", str(tmp_path / "missing.pt"), "--out", str(out)])
     bad = tmp_path / "corrupt.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit, match="--ckpt=.*not a readable"):
-        sample.main(["--ckpt", str(bad), "--out", str(out)])
-    with pytest.raises(SystemExit, match="--resume: no checkpoint"):
-        train_imagenet.main(TINY + ["--steps", "1", "--out", str(tmp_path / "r2"), "--resume"])
-    (tmp_path / "r3").mkdir()
-    (tmp_path / "r3" / "ckpt.pt").write_bytes(b"garbage")
-    with pytest.raises(SystemExit, match="not a readable"):
-        train_imagenet.main(TINY + ["--steps", "1", "--out", str(tmp_path / "r3"), "--resume"])
-    with pytest.raises(SystemExit, match="already holds ckpt.pt"):
-        train_imagenet.main(TINY + ["--steps", "1", "--out", str(tmp_path / "r3")])
-    assert (tmp_path / "r3" / "ckpt.pt").read_bytes() == b"garbage"
-    assert out.read_bytes() == b"precious"
-
-
-def test_lab_quick_writes_the_claims_table(tmp_path):
-    """`toy.py lab --quick` end to end (2 steps per student, 2 worker processes): table.md / table.json / table.png
-    hold every claims row of lab_rows plus the teacher-Euler baselines, all with finite metrics."""
-    import json
-    from PIL import Image
-    out = tmp_path / "lab"
-    toy.main(["lab", "--quick", "--steps", "2", "--jobs", "2", "--out", str(out)])
-    rows = json.loads((out / "table.json").read_text())
-    expected = {(label, nfe) for _, label, _, nfes in toy.lab_rows(quick=True) for nfe in nfes}
-    expected |= {("teacher Euler (no training)", nfe) for nfe in (1, 4)}
-    assert {(r["student"], r["nfe"]) for r in rows} == expected and len(rows) == len(expected)
-    assert all(np.isfinite([r["align"], r["mode_kl"], r["swd"]]).all() for r in rows)
-    table = (out / "table.md").read_text()
-    assert all(f"| {label} | {nfe} |" in table for label, nfe in expected)
-    assert Image.open(out / "table.png").size[1] >= 16 * len(rows)                 # one 16-px bar per row
+    for argv, expected in ((["--ckpt", str(tmp_path / "missing.pt")], "--ckpt=.*missing.pt.*no such file"),
+                           (["--ckpt", str(bad)], "--ckpt=.*corrupt.pt.* is not a readable"),
+                           (["--per-class", "0"], "--per-class=0 is not accepted")):
+        with pytest.raises(SystemExit):
+            sample.main(argv + ["--out", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(expected, err), err
+    with pytest.raises(SystemExit):
+        toy.main(["lab", "--jobs", "0", "--out", str(tmp_path / "lab")])
+    assert "--jobs=0" in capsys.readouterr().err
+    with pytest.raises(common.UserError, match="--init=teacher needs the teacher's --width 192"):
+        toy.ToyAttachment(toy.Options(width=32, init="teacher"), piflow.PiIDConfig(), None, {}, "cpu")
+    torch.save({"net": {}, "recipe": {"width": 192, "depth": 3}, "x": object()}, str(tmp_path / "pickle.pt"))
+    with pytest.raises(common.UserError, match="needs unpickling"):
+        toy.load_teacher(str(tmp_path / "pickle.pt"))
+    assert out.read_bytes() == b"precious" and not (tmp_path / "lab").exists()

@@ -1,15 +1,19 @@
-"""Toy ImageNet: an exact class-conditional Gaussian-mixture image dataset, its closed-form teacher, a tiny
-student, metrics, and a CPU lab that checks the paper's claims.
+"""Toy ImageNet: an exact class-conditional Gaussian-mixture image dataset, a small teacher *network* trained on
+it, students initialised from that teacher as in the paper, metrics, and the trainer attachment.
 
-    python toy.py lab --quick          # smoke run (100 steps/student, 1.5 min on 2 cores): table in runs/lab_quick/
-    python toy.py lab                  # the claims table (1000 steps/student, 14 min on 2 cores) in runs/lab/
+    python sample.py --nfe 4             # the shipped 4-NFE student (assets/toy_gm_k8_nfe4.pt): seconds on a CPU
+    python toy.py teacher                # retrain the shipped teacher network (assets/toy_teacher.pt)
+    python toy.py lab --quick            # the claims table (toy_lab.py): smoke run, 2 min on 2 cores
+    python toy.py lab                    # the claims table, 3 seeds per row (see the README for the wall time)
 
 Data: x0 (1, 8, 8) images. Each of 10 classes is a mixture of 4 prototype images (smooth random patterns in
 [-1, 1], fixed by a seed in code) with within-class weights 0.4/0.3/0.2/0.1 and per-pixel noise std 0.1.
-So p(x0 | c) is a GM over the whole flattened image and the teacher velocity E[eps - x0 | x_t] is exact: it is
-the GM posterior of piflow.GMPolicy.from_x0 with sigma_src = 1 (the whole image is one 64-channel "pixel").
-The unconditional teacher (cond = NUM_CLASSES, the null class) uses the class-averaged mixture, so CFG works
-through piflow.guided_teacher. The teacher ODE is solved to high accuracy with scipy (solve_ivp, DOP853).
+So p(x0 | c) is a GM over the whole flattened image and its velocity E[eps - x0 | x_t] is exact (ToyTeacher):
+the GM posterior of piflow.GMPolicy.from_x0 with sigma_src = 1. The exact GM is the ground truth of the metrics.
+
+Teacher: ToyNet, a 0.9 M-parameter adaLN MLP regressed onto the exact velocity (the minimiser of the flow
+matching loss, Eq. 2), with a null class for CFG. Students are the paper's (§5.2, App. C.1): the teacher
+network with its output layer widened into a policy head and initialised from it, then fine-tuned by π-ID.
 """
 import argparse
 import math
@@ -27,11 +31,13 @@ import piflow
 NUM_CLASSES, PROTOS_PER_CLASS, IMG = 10, 4, (1, 8, 8)
 CLASS_WEIGHTS = (0.4, 0.3, 0.2, 0.1)   # within-class prototype weights (non-uniform, so mode coverage matters)
 NOISE_STD = 0.1                         # per-pixel std of each mixture component
-DEFAULT_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy_gm_k8_nfe4.pt")
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+DEFAULT_CKPT = os.path.join(ASSETS, "toy_gm_k8_nfe4.pt")
+TEACHER_CKPT = os.path.join(ASSETS, "toy_teacher.pt")
 
 
 #################################################################################
-#                      Data: an exact Gaussian mixture over images              #
+#               Data: an exact Gaussian mixture over images, its exact ODE      #
 #################################################################################
 
 class ToyData:
@@ -63,10 +69,11 @@ class ToyData:
 
 
 class ToyTeacher:
-    """Exact flow-matching teacher u(x_t, sigma | c) = E[eps - x0 | x_t, c] of the toy GM (no training needed).
+    """Exact flow-matching velocity u(x_t, sigma | c) = E[eps - x0 | x_t, c] of the toy GM (Eq. 1).
 
     Built on piflow.GMPolicy.from_x0 with sigma_src = 1 (so x_src drops out of the posterior): the flattened
     image is a single D-channel pixel, means (B, J, D), logweights (B, J, 1), shared variance NOISE_STD^2.
+    It is the regression target of the teacher network and the ground truth of the metrics.
     """
 
     def __init__(self, data):
@@ -95,7 +102,7 @@ class TeacherPolicy:
 
 
 def teacher_ode(teacher, noise, cond, rtol=1e-7, atol=1e-8, sigma_end=1e-5):
-    """Exact teacher ODE endpoint dx/dsigma = u(x, sigma), sigma 1 -> 0, by scipy DOP853 in float64."""
+    """Exact ODE endpoint dx/dsigma = u(x, sigma), sigma 1 -> 0, by scipy DOP853 in float64 (the exact teacher)."""
     from scipy.integrate import solve_ivp
     shape, cond = noise.shape, cond.cpu()
 
@@ -110,38 +117,41 @@ def teacher_ode(teacher, noise, cond, rtol=1e-7, atol=1e-8, sigma_end=1e-5):
 
 
 @torch.no_grad()
+def teacher_rk4(teacher, noise, cond=None, steps=64):
+    """The teacher's many-step ODE endpoint: classical RK4, `steps` steps uniform in sigma from 1 to 0 (4 teacher
+    calls each). On the shipped toy teacher 64 steps agree with DOP853 at rtol 1e-7 to an MSE of 1e-8."""
+    x = noise
+    f = lambda x, s: piflow.call(teacher, x, piflow.as_batch(s, x), cond).to(x.dtype)
+    for i in range(steps):
+        a, h = 1 - i / steps, -1 / steps
+        k1 = f(x, a)
+        k2 = f(x + h / 2 * k1, a + h / 2)
+        k3 = f(x + h / 2 * k2, a + h / 2)
+        k4 = f(x + h * k3, max(a + h, 0.0))
+        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return x
+
+
+@torch.no_grad()
 def teacher_euler(teacher, noise, cond, nfe, shift=1.0, final_step_scale=1.0):
     """The teacher's own few-step Euler sampler on the same NFE schedule (Fig. 2a baseline)."""
     _, sigmas = piflow.nfe_schedule(nfe, shift, final_step_scale)
     x = noise
     for i in range(nfe):
         s = piflow.as_batch(float(sigmas[i]), x)
-        x = x + teacher(x, s, cond) * float(sigmas[i + 1] - sigmas[i])
+        x = x + piflow.call(teacher, x, s, cond) * float(sigmas[i + 1] - sigmas[i])
     return x
 
 
 #################################################################################
-#                 Student: a tiny class-conditional adaLN MLP                   #
+#        The teacher network, and students built from it (§5.2, App. C.1)       #
 #################################################################################
 
-class ShortcutPolicy:
-    """Baseline 'shortcut' policy: one constant velocity per step, i.e. a straight jump x_src -> x_dst."""
-
-    def __init__(self, u, x_src, sigma_src):
-        self.u, self.x_src, self.sigma_src = u, x_src, piflow.as_batch(sigma_src, x_src)
-
-    def velocity(self, x_t, sigma_t):
-        return self.u
-
-    def detach(self):
-        return ShortcutPolicy(self.u.detach(), self.x_src, self.sigma_src)
-
-
-def timestep_embedding(sigma, dim):
-    """Sinusoidal embedding of 1000 * sigma (DiT-style)."""
+def timestep_embedding(sigma, dim, dtype=torch.float32):
+    """Sinusoidal embedding of 1000 * sigma (DiT-style), computed in `dtype` (float64 for a float64 ODE)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=sigma.device) / half)
-    a = 1000 * sigma.float()[:, None] * freqs[None]
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=sigma.device, dtype=dtype) / half)
+    a = 1000 * sigma.to(dtype)[:, None] * freqs[None]
     return torch.cat([a.cos(), a.sin()], 1)
 
 
@@ -160,71 +170,160 @@ class Block(nn.Module):
         return h + gate * self.mlp(self.norm(h) * (1 + scale) + shift)
 
 
+class ToyNet(nn.Module):
+    """G(x_t, sigma, c): a class-conditional adaLN MLP on the flattened image (+ a null class for CFG).
+
+    As the teacher G_theta it outputs the velocity u through `proj_out` (width -> D). A student G_phi is the same
+    network whose `proj_out` is widened into a policy head (ToyStudent)."""
+
+    def __init__(self, width=192, depth=3, img=IMG, num_classes=NUM_CLASSES):
+        super().__init__()
+        self.img, D = tuple(img), math.prod(img)
+        self.t_emb = nn.Sequential(nn.Linear(64, width), nn.SiLU(), nn.Linear(width, width))
+        self.c_emb = nn.Embedding(num_classes + 1, width)
+        self.inp = nn.Linear(D, width)
+        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        nn.init.zeros_(self.ada[1].weight), nn.init.zeros_(self.ada[1].bias)
+        self.proj_out = nn.Linear(width, D)
+
+    def features(self, x_t, sigma, cond):
+        """The last hidden state h (B, width) and the conditioning embedding emb (B, width)."""
+        dtype = self.inp.weight.dtype
+        emb = self.t_emb(timestep_embedding(piflow.as_batch(sigma, x_t), 64, dtype)) + self.c_emb(cond)
+        h = self.inp(x_t.flatten(1).to(dtype))
+        for blk in self.blocks:
+            h = blk(h, emb)
+        shift, scale = self.ada(emb).chunk(2, 1)
+        return self.norm(h) * (1 + scale) + shift, emb
+
+    def forward(self, x_t, sigma, cond):
+        return self.proj_out(self.features(x_t, sigma, cond)[0]).view_as(x_t).to(x_t.dtype)
+
+
+# The shipped teacher's recipe (python toy.py teacher): regression onto the exact velocity at x_t from forward
+# diffusion of exact data, sigma ~ U(0, 1] with 20 % of draws cubed (more weight near the data), 1 in 11 labels
+# the null class (its data: a random class). CPU: 137 s on one thread.
+TEACHER_RECIPE = dict(width=192, depth=3, steps=4000, batch=256, lr=2e-3, seed=0)
+
+
+def train_teacher(width=192, depth=3, steps=4000, batch=256, lr=2e-3, seed=0, log=print):
+    """Fit ToyNet to the exact velocity (the minimiser of the flow matching loss, Eq. 2) by AdamW with cosine LR."""
+    data = ToyData()
+    exact = ToyTeacher(data)
+    torch.manual_seed(seed)
+    net = ToyNet(width, depth)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        cond = torch.randint(NUM_CLASSES + 1, (batch,), generator=g)
+        label = torch.where(cond == NUM_CLASSES, torch.randint(NUM_CLASSES, (batch,), generator=g), cond)
+        x0 = data.sample(label, g)                                       # null class: data of a random class
+        sigma = torch.rand(batch, generator=g)
+        sigma = torch.where(torch.rand(batch, generator=g) < 0.2, sigma ** 3, sigma).clamp(min=1e-3)
+        x_t = piflow.diffuse(x0, torch.randn(x0.shape, generator=g), sigma)
+        for group in opt.param_groups:
+            group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / steps))
+        loss = (net(x_t, sigma, cond) - exact(x_t, sigma, cond)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if log and (step + 1) % 500 == 0:
+            log(f"teacher step {step + 1}/{steps}: velocity MSE {loss.item():.5f}")
+    return net.eval()
+
+
+def load_teacher(path=TEACHER_CKPT):
+    """The teacher network from {'net': fp16 state dict, 'recipe': {...}} (weights_only), frozen, in float32."""
+    ck = common.load_tensors(path, "teacher")
+    try:
+        net = ToyNet(ck["recipe"]["width"], ck["recipe"]["depth"])
+        net.load_state_dict({k: v.float() for k, v in ck["net"].items()})
+        common.check_finite(ck["net"], f"teacher={path!r}")
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        raise common.UserError(f"teacher={path!r} is not a toy teacher network ({str(e).splitlines()[0]})") from None
+    return net.eval().requires_grad_(False)
+
+
+class ShortcutPolicy:
+    """Baseline 'shortcut' policy: one constant velocity per step, i.e. a straight jump x_src -> x_dst."""
+
+    def __init__(self, u, x_src, sigma_src):
+        self.u, self.x_src, self.sigma_src = u, x_src, piflow.as_batch(sigma_src, x_src)
+
+    def velocity(self, x_t, sigma_t):
+        return self.u
+
+    def detach(self):
+        return ShortcutPolicy(self.u.detach(), self.x_src, self.sigma_src)
+
+
 @dataclass(frozen=True)
 class Options:
     policy: str = "gm"        # student policy: gm (GMFlow), dx (DX grid) or shortcut (the regression baseline)
     K: int = 8                # Gaussians per pixel of the GM policy
     N: int = 10               # grid points of the DX policy
-    width: int = 192          # student hidden width
-    depth: int = 3            # student residual blocks
+    width: int = 192          # student hidden width (the teacher's, 192, to start from the teacher)
+    depth: int = 3            # student residual blocks (the teacher's, 3, to start from the teacher)
+    init: str = "auto"        # teacher (copy the teacher, paper), scratch (random) or auto (teacher if width/depth fit)
 
     def __post_init__(self):
         for name, ok, accepted in [("policy", self.policy in ("gm", "dx", "shortcut"), "gm, dx or shortcut"),
                                    ("K", self.K >= 1, ">= 1"), ("N", self.N >= 1, ">= 1"),
-                                   ("width", self.width >= 2, ">= 2"), ("depth", self.depth >= 0, ">= 0")]:
+                                   ("width", self.width >= 2, ">= 2"), ("depth", self.depth >= 0, ">= 0"),
+                                   ("init", self.init in ("auto", "teacher", "scratch"), "auto, teacher or scratch")]:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; expected {accepted}")
 
 
-class ToyStudent(nn.Module):
-    """Tiny class-conditional student G_phi(x_t, sigma, c) -> policy (GM, DX or shortcut head).
+class ToyStudent(ToyNet):
+    """G_phi(x_t, sigma, c) -> policy: the teacher network with its output layer widened into a policy head.
 
-    GM head: the published layers (piflow.add_gm_head) on the whole flattened image as one token (C = 1 channel,
-    S = 64 pixels): means (B, K, 1, 8, 8), logweights (B, K, 1, 8, 8), logstds from the detached embedding.
-    With no teacher network to copy, the means start at weight 0 with bias noise 0.1 per component and pixel.
-    DX head: N grid outputs, all N copies identical at init (recipe §3), span 1 / (NFE - 1 + s).
+    With `teacher` (a ToyNet of the same width/depth) every weight starts as the teacher's and the head from its
+    output layer (App. C.1): GM means = proj_out repeated K times + N(0, 0.05^2) bias noise, uniform weights,
+    s = 0.05, so at step 0 the policy's velocity at (x_src, sigma_src) is the teacher's up to the bias noise;
+    DX: N identical copies (the policy velocity at x_src is exactly the teacher's); shortcut: proj_out itself.
+    Without a teacher: random body, zero head weights (GM bias noise 0.1), as the published code without one.
+    GM head: a K-GM per pixel (C = 1 channel: the one-channel toy's pixel-wise factorisation, App. C.1), means
+    (B, K, 1, 8, 8), logweights (B, K, 1, 8, 8); logstds from the detached embedding (piflow.add_gm_head).
     """
 
-    def __init__(self, opts=Options(), cfg=piflow.PiIDConfig(), img=IMG, num_classes=NUM_CLASSES):
-        super().__init__()
-        self.opts, self.img = opts, tuple(img)
-        C, H, W = img
-        D, width = C * H * W, opts.width
-        self.t_emb = nn.Sequential(nn.Linear(64, width), nn.SiLU(), nn.Linear(width, width))
-        self.c_emb = nn.Embedding(num_classes + 1, width)                  # + null class (for CFG)
-        self.inp = nn.Linear(D, width)
-        self.blocks = nn.ModuleList(Block(width) for _ in range(opts.depth))
-        self.norm = nn.LayerNorm(width, elementwise_affine=False)
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
-        nn.init.zeros_(self.ada[1].weight), nn.init.zeros_(self.ada[1].bias)
-        if opts.policy == "gm":
-            piflow.add_gm_head(self, width, opts.K, C=D, logweight_channels=H * W, logstd_inner_dim=width)
-            piflow.init_gm_head(self, torch.zeros(D, width), torch.zeros(D), opts.K, D, channel_last=False,
-                                bias_noise=0.1)
+    def __init__(self, opts=Options(), cfg=piflow.PiIDConfig(), teacher=None, img=IMG):
+        super().__init__(opts.width, opts.depth, img)
+        self.opts, (_, H, W), D = opts, self.img, math.prod(self.img)
+        if teacher is not None:
+            self.load_state_dict(teacher.state_dict())
         else:
-            self.proj_out = nn.Linear(width, (opts.N if opts.policy == "dx" else 1) * D)
-            nn.init.zeros_(self.proj_out.weight), nn.init.zeros_(self.proj_out.bias)   # N identical copies
+            nn.init.zeros_(self.proj_out.weight), nn.init.zeros_(self.proj_out.bias)
+        Wt, bt = self.proj_out.weight.detach().clone(), self.proj_out.bias.detach().clone()   # (D, width), (D,)
+        if opts.policy == "gm":
+            del self.proj_out
+            piflow.add_gm_head(self, opts.width, opts.K, C=D, logweight_channels=H * W, logstd_inner_dim=opts.width)
+            piflow.init_gm_head(self, Wt, bt, opts.K, D, channel_last=False,
+                                bias_noise=0.05 if teacher is not None else 0.1)
+        elif opts.policy == "dx":
+            self.proj_out = nn.Linear(opts.width, opts.N * D)
+            Wn, bn = piflow.widen_from_teacher(Wt, bt, opts.N, D, channel_last=False)
+            with torch.no_grad():
+                self.proj_out.weight.copy_(Wn), self.proj_out.bias.copy_(bn)
         self.segment_size = 1.0 / (cfg.nfe - 1 + cfg.final_step_scale)      # DX grid span: one training step
         self.shift = cfg.shift
 
     def forward(self, x_t, sigma, cond):
         B, (C, H, W) = x_t.shape[0], self.img
         sigma = piflow.as_batch(sigma, x_t)
-        emb = self.t_emb(timestep_embedding(sigma, 64)) + self.c_emb(cond)           # (B, width)
-        h = self.inp(x_t.flatten(1).to(emb.dtype))
-        for blk in self.blocks:
-            h = blk(h, emb)
-        shift, scale = self.ada(emb).chunk(2, 1)
-        h = self.norm(h) * (1 + scale) + shift                                        # (B, width)
+        h, emb = self.features(x_t, sigma, cond)                                      # (B, width) each
         if self.opts.policy == "gm":
             K = self.opts.K
-            return piflow.gm_policy(self.proj_out_means(h).view(B, K, C, H, W),
-                                    self.proj_out_logweights(h).view(B, K, 1, H, W), piflow.gm_logstds(self, emb),
-                                    x_t, sigma)
+            return piflow.gm_policy(self.proj_out_means(h).view(B, K, C, H, W),       # (B, K, C, H, W)
+                                    self.proj_out_logweights(h).view(B, K, 1, H, W),
+                                    piflow.gm_logstds(self, emb), x_t, sigma)
         if self.opts.policy == "dx":
             grid_u = self.proj_out(h).view(B, self.opts.N, C, H, W)
             return piflow.DXPolicy(grid_u, x_t, sigma, self.segment_size, self.shift)
         return ShortcutPolicy(self.proj_out(h).view(B, C, H, W).float(), x_t, sigma)
+
 
 
 #################################################################################
@@ -232,7 +331,7 @@ class ToyStudent(nn.Module):
 #################################################################################
 
 def teacher_alignment(x, x_teacher):
-    """Teacher alignment: MSE (per pixel) between samples and the exact teacher ODE endpoints from the same noise."""
+    """Teacher alignment: MSE (per pixel) between samples and the teacher's ODE endpoints from the same noise."""
     return float((x.float() - x_teacher.float()).pow(2).mean())
 
 
@@ -250,7 +349,7 @@ def mode_kl(data, x, cond):
 def sliced_wasserstein(data, x, cond, generator_seed=0, num_proj=128):
     """Distribution distance: sliced Wasserstein-2 distance between samples x and exact data samples drawn with
     the same labels (128 fixed random unit projections; pooled over the batch). Finite-sample floor: the exact
-    teacher ODE samples score about the same as a second independent data draw."""
+    ODE samples score about the same as a second independent data draw."""
     g = torch.Generator().manual_seed(generator_seed)
     ref = data.sample(cond.cpu(), g).double().flatten(1)
     x = x.double().cpu().flatten(1)
@@ -261,14 +360,16 @@ def sliced_wasserstein(data, x, cond, generator_seed=0, num_proj=128):
 
 
 class Evaluator:
-    """Fixed evaluation batch (class-balanced labels, fixed noise) with cached exact teacher ODE endpoints."""
+    """Fixed evaluation batch (class-balanced labels, fixed noise) with the teacher's cached ODE endpoints
+    (teacher_rk4; the exact GM ODE for the exact teacher). Mode KL and SWD compare with the exact data."""
 
     def __init__(self, data, teacher, per_class=40, seed=1234, device="cpu"):
         g = torch.Generator().manual_seed(seed)
         self.data, self.teacher = data, teacher
         self.cond = torch.arange(NUM_CLASSES).repeat_interleave(per_class).to(device)
         self.noise = torch.randn((len(self.cond),) + IMG, generator=g).to(device)
-        self.x_teacher = teacher_ode(teacher, self.noise, self.cond)
+        ode = teacher_ode if isinstance(teacher, ToyTeacher) else teacher_rk4
+        self.x_teacher = ode(teacher, self.noise, self.cond)
 
     def metrics(self, x):
         return {"align": teacher_alignment(x, self.x_teacher), "mode_kl": mode_kl(self.data, x, self.cond),
@@ -286,15 +387,22 @@ class Evaluator:
 #################################################################################
 
 class ToyAttachment:
-    """trainer.py attachment: the exact toy teacher (CFG through the null class) and a ToyStudent."""
+    """trainer.py attachment: the teacher network (CFG through the null class) and a student built from it."""
     sharded, autocast = False, False
     noise_shape = IMG
 
     def __init__(self, opts, cfg, tc, settings, device):
         self.data, self.opts, self.cfg, self.settings, self.device = ToyData(), opts, cfg, settings, device
-        self.student = ToyStudent(opts, cfg).to(device)
+        net = load_teacher()
+        fits = (opts.width, opts.depth) == (net.proj_out.in_features, len(net.blocks))
+        if opts.init == "teacher" and not fits:
+            raise common.UserError(f"--init=teacher needs the teacher's --width {net.proj_out.in_features} --depth "
+                                   f"{len(net.blocks)} (given {opts.width}, {opts.depth}); or pass --init scratch")
+        self.init_from_teacher = opts.init == "teacher" or (opts.init == "auto" and fits)
+        self.student = ToyStudent(opts, cfg, net if self.init_from_teacher else None).to(device)
+        self.teacher_net = net.to(device)
         null = torch.tensor([NUM_CLASSES], device=device)
-        self.teacher = piflow.guided_teacher(ToyTeacher(self.data), tc.guidance, null, tuple(tc.guidance_interval))
+        self.teacher = piflow.guided_teacher(self.teacher_net, tc.guidance, null, tuple(tc.guidance_interval))
         if opts.policy == "shortcut":
             self.loss = self.shortcut_loss
         self._evaluator = None
@@ -351,7 +459,7 @@ def load_student(path):
     st = ck["settings"]
     try:
         common.check_finite(ck["ema"], f"--ckpt={path!r}")
-        opts = Options(**{k: st[k] for k in Options.__dataclass_fields__})
+        opts = Options(**{k: st[k] for k in Options.__dataclass_fields__ if k in st})
         cfg = piflow.PiIDConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in st.items()
                                    if k in piflow.PiIDConfig.__dataclass_fields__})
         student = ToyStudent(opts, cfg)
@@ -376,185 +484,64 @@ def add_sample_flags(p, model="toy"):
 
 
 def sample_grid(args):
-    """`sample.py --model toy`: per class, student samples | exact teacher ODE from the same noise; metrics."""
+    """`sample.py --model toy`: per class, student samples | the teacher's ODE from the same noise; metrics."""
     if args.per_class < 1:
         raise common.UserError(f"--per-class={args.per_class} is not accepted; expected an integer >= 1")
     student, st = load_student(args.ckpt)
-    nfe = args.nfe or student.piid_config.nfe
     cfg = student.piid_config
+    nfe = args.nfe or cfg.nfe
     print(f"student: {args.ckpt} ({st['policy']}, K={st['K']}, N={st['N']}, trained at NFE {cfg.nfe}, shift "
           f"{cfg.shift}, final step scale {cfg.final_step_scale}, {cfg.total_substeps} substeps)")
     print("sigma schedule: " + ", ".join(f"{s:.4f}" for s in piflow.nfe_schedule(nfe, cfg.shift,
                                                                                   cfg.final_step_scale)[1].tolist()))
     data = ToyData()
-    teacher = piflow.guided_teacher(ToyTeacher(data), st.get("guidance", 1.0), torch.tensor([NUM_CLASSES]),
+    teacher = piflow.guided_teacher(load_teacher(), st.get("guidance", 1.0), torch.tensor([NUM_CLASSES]),
                                     tuple(st.get("guidance_interval", (0.0, 1.0))))
     g = torch.Generator().manual_seed(args.seed)
     cond = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class)                # (B,)
     noise = torch.randn((len(cond),) + IMG, generator=g)
     x = piflow.sample(student, noise, cond, nfe, temperature=args.temperature)
-    x_teacher = teacher_ode(teacher, noise, cond)
+    x_teacher = teacher_rk4(teacher, noise, cond)
     x_euler = teacher_euler(teacher, noise, cond, nfe, cfg.shift, cfg.final_step_scale)
     metrics = {}
-    for name, xs in (("student", x), ("teacher Euler", x_euler), ("teacher exact ODE", x_teacher)):
+    for name, xs in (("student", x), ("teacher Euler", x_euler), ("teacher ODE", x_teacher)):
         m = {"align": teacher_alignment(xs, x_teacher), "mode_kl": mode_kl(data, xs, cond),
              "swd": sliced_wasserstein(data, xs, cond)}
-        print(f"{name:18s} NFE {nfe if name != 'teacher exact ODE' else '-'}: teacher alignment MSE "
+        print(f"{name:14s} NFE {nfe if name != 'teacher ODE' else '256'}: teacher alignment MSE "
               f"{m['align']:.5f} | mode KL {m['mode_kl']:.4f} | sliced W2 {m['swd']:.4f}")
         metrics[name] = m
     k, tiles_s, tiles_t = args.per_class, to_uint8(x), to_uint8(x_teacher)
     rows = [tiles_s[c * k:(c + 1) * k] + [None] + tiles_t[c * k:(c + 1) * k] for c in range(NUM_CLASSES)]
-    cols = [f"pi-Flow student, NFE {nfe}"] + [None] * k + ["exact teacher ODE, same noise"]
-    return dict(rows=rows, row_labels=[f"class {c}" for c in range(NUM_CLASSES)], col_labels=cols, nfe=nfe,
-                metrics=metrics["student"], all_metrics=metrics)
-
-
-def lab_rows(quick):
-    """(group, label, settings, nfe list) for every row of the claims table."""
-    gm8, gm32 = dict(policy="gm", K=8), dict(policy="gm", K=32)
-    dx = lambda n: dict(policy="dx", N=n)
-    nfes = [1, 4] if quick else [1, 2, 4]
-    bc = dict(decay_iters=10 ** 9)                           # teacher ratio stays ~1: behaviour cloning
-    return [("1 policy", "GM K=8", gm8, nfes), ("1 policy", "GM K=32", gm32, nfes),
-            ("1 policy", "DX N=10", dx(10), nfes), ("1 policy", "DX N=20", dx(20), nfes),
-            ("1 policy", "DX N=40", dx(40), nfes),
-            ("2 dropout", "GM K=8, dropout 0.05", dict(gm8, gm_dropout=0.05), [4]),
-            ("3 on-policy", "GM K=8, behaviour cloning (ratio 1)", dict(gm8, **bc), [4]),
-            ("3 on-policy", "DX N=10, behaviour cloning (ratio 1)", dict(dx(10), **bc), [4]),
-            ("4 window", "DX N=10, micro-window 3", dict(dx(10), window_substeps=3), [4]),
-            ("5 data", "GM K=8, data-dependent", dict(gm8, data_dependent=True), [4]),
-            ("6 baselines", "shortcut student (regresses NFE-step jump)", dict(policy="shortcut"), nfes)]
-
-
-def train_student(fields, out):
-    """Train a toy student in this process (one lab row) with trainer.train; returns it with its EMA weights.
-    fields: PiIDConfig / TrainConfig / Options values."""
-    import trainer
-    cfg, tc, opts = (cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
-                     for cls in (piflow.PiIDConfig, trainer.TrainConfig, Options))
-    settings = trainer.settings_of(cfg, tc, opts, teacher="toy")
-    run = argparse.Namespace(out=out, resume=False, overwrite=True, export=None, log_every=0, ckpt_every=0,
-                             eval_every=0, threads=1, no_progress=True)
-    att, ema = trainer.train(lambda device, dtype: ToyAttachment(opts, cfg, tc, settings, device), cfg, tc,
-                             settings, run)
-    trainer.load_into(att.trainable(), ema)
-    return att.student.eval()
-
-
-def _lab_job(job):
-    """One lab row in a worker process: train a student, then evaluate its EMA."""
-    import time
-    fields, out, ev = job
-    t = time.time()
-    student = train_student(fields, out)
-    return ev.student(student), time.time() - t
-
-
-def run_lab(args):
-    """Train every lab row (train_student; --jobs rows at a time, one CPU thread each) and write
-    table.md, table.json and table.png. Every row uses the same seed, so the table does not depend on --jobs."""
-    import concurrent.futures
-    import json
-    import multiprocessing
-    import time
-    from tqdm import tqdm
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    out = args.out or ("runs/lab_quick" if args.quick else "runs/lab")
-    steps = args.steps or (LAB_QUICK_STEPS if args.quick else LAB_STEPS)
-    os.makedirs(out, exist_ok=True)
-    t0 = time.time()
-    data = ToyData()
-    teacher = ToyTeacher(data)
-    ev = Evaluator(data, teacher, per_class=20 if args.quick else 40)
-    results = {}
-    for nfe in ((1, 4) if args.quick else (1, 2, 4)):                     # teacher's own Euler sampler
-        results[("6 baselines", "teacher Euler (no training)", nfe)] = (
-            ev.metrics(teacher_euler(teacher, ev.noise, ev.cond, nfe)), 0.0)
-    jobs = {}
-    for group, label, fields, nfes in lab_rows(args.quick):
-        for nfe in nfes:
-            name = "".join(c for c in f"{label}_nfe{nfe}".replace(" ", "_") if c.isalnum() or c in "_.-")
-            fields = dict(fields, nfe=nfe, steps=steps, seed=args.seed, batch_size=LAB_BATCH, micro_batch=LAB_BATCH,
-                          lr=LAB_LR, cosine=True, total_substeps=LAB_SUBSTEPS)
-            jobs[(group, label, nfe)] = (fields, os.path.join(out, name), ev)
-    order = sorted(jobs, key=lambda k: -k[2])                             # longest (most NFE) first
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
-        futures = {pool.submit(_lab_job, jobs[k]): k for k in order}
-        bar = tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc="lab students")
-        for f in bar:
-            k, (m, dt) = futures[f], f.result()
-            results[k] = (m, dt)
-            bar.write(f"[{time.time() - t0:6.0f}s] {k[1]:45s} NFE {k[2]}: align {m['align']:.4f}  "
-                      f"mode KL {m['mode_kl']:.4f}  SWD {m['swd']:.4f}  ({dt:.0f}s)")
-    runtime = time.time() - t0
-    euler = [k for k in results if k not in jobs]
-    rows = [(g, l, n, results[(g, l, n)][0]) for g, l, n in list(jobs) + euler]   # table order = lab_rows order
-    ref = ev.metrics(ev.x_teacher)
-    lines = [f"Toy lab ({'quick, ' if args.quick else ''}{steps} steps per student, batch {LAB_BATCH}, "
-             f"lr {LAB_LR:g} cosine, {LAB_SUBSTEPS} rollout substeps per unit time, seed {args.seed}; "
-             f"{args.jobs} jobs x 1 CPU thread; "
-             f"wall time {runtime / 60:.1f} min). align = MSE to the exact teacher ODE endpoint from the same noise; "
-             "mode KL = KL(true weights || nearest-prototype histogram); SWD = sliced W2 to true data (same labels). "
-             f"Eval: {len(ev.cond)} samples, same noise for all rows.", "",
-             "| group | student | NFE | align | mode KL | SWD |", "|---|---|---|---|---|---|"]
-    for g, l, n, m in rows:
-        lines.append(f"| {g} | {l} | {n} | {m['align']:.4f} | {m['mode_kl']:.4f} | {m['swd']:.4f} |")
-    lines.append(f"| ref | teacher exact ODE | - | 0 | {ref['mode_kl']:.4f} | {ref['swd']:.4f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    for fname, content in (("table.md", text), ("table.json", json.dumps(
-            [dict(group=g, student=l, nfe=n, train_s=round(results[(g, l, n)][1], 1), **m) for g, l, n, m in rows],
-            indent=1))):
-        common.save_text(os.path.join(out, fname), content)
-    common.save_atomic(os.path.join(out, "table.png"), lambda tmp: bar_plot(rows).save(tmp, format="PNG"))
-    print(f"wrote {out}/table.md, table.json, table.png ({runtime:.0f} s)")
-
-
-def bar_plot(results, bar_h=12, width=420):
-    """Horizontal log-scale bar chart of teacher alignment per row (PIL, no matplotlib)."""
-    from PIL import Image, ImageDraw
-    vals = [max(m["align"], 1e-5) for *_, m in results]
-    lo, hi = math.log10(min(vals)) - 0.2, math.log10(max(vals)) + 0.1
-    label_w, H = 330, (bar_h + 4) * len(results) + 40
-    img = Image.new("L", (label_w + width + 70, H), 255)
-    d = ImageDraw.Draw(img)
-    d.text((4, 4), "teacher alignment MSE (log scale; lower is better)", fill=0)
-    for i, ((g, label, nfe, m), v) in enumerate(zip(results, vals)):
-        y = 24 + i * (bar_h + 4)
-        d.text((4, y), f"{label[:44]}  NFE {nfe}", fill=0)
-        w = int(width * (math.log10(v) - lo) / (hi - lo))
-        d.rectangle([label_w, y, label_w + max(w, 1), y + bar_h - 2], fill=90)
-        d.text((label_w + w + 4, y), f"{v:.4f}", fill=0)
-    return img
-
-
-# Lab budget: every student gets the same steps / batch / LR (cosine to 0) and 32 rollout substeps per unit time
-# (4x fewer than published), so the full table fits in ~20 min on 2 CPU cores. Students are not converged at
-# this budget (the shipped student took 8000 steps at batch 64): the table compares rows at equal cost.
-LAB_STEPS, LAB_QUICK_STEPS, LAB_BATCH, LAB_LR, LAB_SUBSTEPS = 1000, 100, 32, 3e-3, 32
+    cols = [f"LEFT: pi-Flow student, NFE {nfe}"] + [None] * k + ["RIGHT: teacher ODE (RK4, 256 calls), same noise"]
+    title = (f"toy ImageNet, seed {args.seed}: teacher-alignment MSE student {metrics['student']['align']:.4f} vs "
+             f"teacher Euler {nfe} steps {metrics['teacher Euler']['align']:.4f}")
+    return dict(rows=rows, row_labels=[f"class {c}" for c in range(NUM_CLASSES)], col_labels=cols, title=title,
+                nfe=nfe, metrics=metrics["student"], all_metrics=metrics)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Toy ImageNet lab for pi-Flow (CPU).")
+    p = argparse.ArgumentParser(description="Toy ImageNet for pi-Flow (CPU): the teacher network and the lab.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    lab = sub.add_parser("lab", help="train small students and write the claims table")
-    lab.add_argument("--quick", action="store_true",
-                     help=f"short run: {LAB_QUICK_STEPS} steps per student, NFE 1 and 4 only, 200 eval samples")
-    lab.add_argument("--steps", type=int, default=None,
-                     help=f"training steps per student (default {LAB_STEPS}; {LAB_QUICK_STEPS} with --quick)")
-    lab.add_argument("--out", default=None, help="output folder (default runs/lab or runs/lab_quick)")
-    lab.add_argument("--seed", type=int, default=0, help="training seed for every row")
-    lab.add_argument("--jobs", type=int, default=2,
-                     help="students trained at once, one process and one CPU thread each (default 2 = 2 cores)")
+    t = sub.add_parser("teacher", help="train the teacher network on the exact velocity (the shipped recipe)")
+    t.add_argument("--out", default=TEACHER_CKPT, help="output file (default: %(default)s)")
+    t.add_argument("--steps", type=int, default=TEACHER_RECIPE["steps"], help="training steps (default: %(default)s)")
+    import toy_lab
+    toy_lab.add_lab_parser(sub)
     args = p.parse_args(argv)
-    if args.cmd == "lab":
-        if args.steps is not None and args.steps < 1:
-            p.error(f"--steps={args.steps} is not accepted; expected an integer >= 1")
-        if args.jobs < 1:
-            p.error(f"--jobs={args.jobs} is not accepted; expected an integer >= 1")
-        run_lab(args)
+    if args.cmd == "teacher":
+        common.check(p, args, [("steps", args.steps >= 1, "an integer >= 1")])
+        with common.user_errors("toy.py teacher"):
+            common.check_writable(args.out, "--out")
+            torch.set_num_threads(1)
+            torch.set_flush_denormal(True)
+            recipe = dict(TEACHER_RECIPE, steps=args.steps)
+            net = train_teacher(**recipe)
+            sd = {k: v.half() for k, v in net.state_dict().items()}
+            common.check_finite(sd, "teacher")
+            common.save_torch({"net": sd, "recipe": recipe}, args.out)
+            print(f"wrote {args.out}")
+    else:
+        toy_lab.run_lab(p, args)
 
 
 if __name__ == "__main__":

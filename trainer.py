@@ -80,8 +80,8 @@ class TrainConfig:
 # explicit flags still win. Keys are TrainConfig / PiIDConfig / attachment option fields.
 PRESETS = {
     # toy teacher (toy.py): the default run, and the embedded toy student's recipe (assets/README.md)
-    "toy": dict(teacher="toy", policy="gm", K=8, nfe=4),
-    "toy-gm-k8-4nfe": dict(teacher="toy", policy="gm", K=8, nfe=4, steps=8000, batch_size=64, lr=1e-3, cosine=True),
+    "toy": dict(teacher="toy", policy="gm", K=8, nfe=4, lr=3e-5),
+    "toy-gm-k8-4nfe": dict(teacher="toy", policy="gm", K=8, nfe=4, steps=2000, batch_size=64, lr=3e-5, cosine=True),
     # Table 8: ImageNet 256, GM students of SiT-XL/2 size, data-dependent, 1 or 2 NFE
     "gmrepa-k32-1nfe": dict(teacher="sit", teacher_ckpt="repa", policy="gm", K=32, nfe=1, guidance=3.2,
                             guidance_interval=(0.0, 0.7), gm_dropout=0.05, loss_scale=3.0, lr=5e-5, warmup=400,

@@ -1,0 +1,361 @@
+"""Distill your own teacher, shown on a 2-D checkerboard: the π-Flow recipe for any velocity network.
+
+    python toy2d.py lab                                   # teacher + GM/DX students at 1/2/4 NFE -> assets/toy2d.png
+    python toy2d.py distill --teacher toy2d:checkerboard_teacher --nfe 4 --out runs/distill   # any teacher
+
+Any network u = G(x_t, sigma[, cond]) on vectors x_t (B, C) whose last layer is an nn.Linear (width -> C) becomes
+a π-Flow student with `PolicyStudent(teacher, out="out")`: a copy of the teacher whose output layer is widened
+into a GM (or DX) head initialised from it (App. C.1; piflow.add_gm_head / init_gm_head / widen_from_teacher).
+`distill()` trains it with the project's one loop (trainer.train) on data-free π-ID (Alg. 3); `alignment()`
+measures it against the teacher's many-step ODE (RK4, 256 teacher calls) from the same noise, next to the
+teacher's own Euler sampler at the same NFE. For image networks whose output layer feeds a reshape (patches,
+channels), write the head into the network's forward instead, as toy.ToyStudent and sit.py do.
+"""
+import argparse
+import copy
+import importlib
+import math
+import os
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import piflow
+import toy
+
+ASSET = os.path.join(toy.ASSETS, "toy2d.png")
+
+
+#################################################################################
+#                 The 2-D checkerboard and its flow-matching teacher            #
+#################################################################################
+
+def checkerboard(n, generator=None):
+    """n points uniform on the 8 dark squares of a 4 x 4 board on [-2, 2]^2 (the GMFlow toy data)."""
+    i, r = torch.randint(4, (n,), generator=generator), torch.randint(2, (n,), generator=generator)
+    cell = torch.stack([i, 2 * r + i % 2], 1)                             # column i, row j with i + j even
+    return cell + torch.rand(n, 2, generator=generator) - 2.0
+
+
+def hit_rate(x):
+    """Fraction of points on a dark square ((i + j) even, cells of [-2, 2]^2)."""
+    ij = torch.floor(x + 2.0).long()
+    inside = ((ij >= 0) & (ij < 4)).all(1)
+    return float((inside & ((ij.sum(1) % 2) == 0)).float().mean())
+
+
+class MLP2D(nn.Module):
+    """Flow-matching teacher u = G_theta(x_t, sigma) on points (B, dim): a residual SiLU MLP; `out` is its
+    output layer (width -> dim), the layer a π-Flow student widens."""
+
+    def __init__(self, dim=2, width=128, depth=3):
+        super().__init__()
+        self.emb = nn.Sequential(nn.Linear(64, width), nn.SiLU(), nn.Linear(width, width))
+        self.inp = nn.Linear(dim, width)
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.out = nn.Linear(width, dim)
+
+    def forward(self, x_t, sigma):
+        h = self.inp(x_t) + self.emb(toy.timestep_embedding(piflow.as_batch(sigma, x_t), 64))
+        for layer in self.layers:
+            h = h + layer(F.silu(h))
+        return self.out(F.silu(h))
+
+
+def train_teacher(steps=3000, batch=1024, lr=2e-3, seed=0):
+    """Flow matching (Eq. 2): regress u = eps - x0 at x_sigma = (1 - sigma) x0 + sigma eps, sigma ~ U(0, 1)."""
+    torch.manual_seed(seed)
+    net, g = MLP2D(), torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    for step in range(steps):
+        x0, eps, sigma = checkerboard(batch, g), torch.randn(batch, 2, generator=g), torch.rand(batch, generator=g)
+        for group in opt.param_groups:
+            group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / steps))
+        loss = (net(piflow.diffuse(x0, eps, sigma), sigma) - (eps - x0)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return net.eval().requires_grad_(False)
+
+
+def checkerboard_teacher():
+    """The factory `toy2d.py distill --teacher toy2d:checkerboard_teacher` calls (trains in ~10 s)."""
+    return train_teacher()
+
+
+#################################################################################
+#             Any teacher network -> a π-Flow student (App. C.1)                #
+#################################################################################
+
+class PolicyStudent(nn.Module):
+    """G_phi(x_t, sigma[, cond]) -> policy: a copy of `teacher` whose output layer (the nn.Linear at attribute
+    path `out`, width -> C) is widened into a policy head initialised from it (App. C.1).
+
+    GM: means = the teacher's layer repeated K times + N(0, bias_noise^2) bias noise, uniform weights, s = 0.05
+    (so at step 0 the policy's velocity at (x_src, sigma_src) is the teacher's up to the mean bias noise); the
+    log-std MLP reads a sinusoidal embedding of sigma. DX: N identical copies. x_t: (B, C)."""
+
+    def __init__(self, teacher, policy="gm", K=8, N=10, cfg=piflow.PiIDConfig(), out="out", bias_noise=0.05):
+        super().__init__()
+        if policy not in ("gm", "dx"):
+            raise ValueError(f"policy={policy!r} is not accepted; expected gm or dx")
+        self.body = copy.deepcopy(teacher).train().requires_grad_(True)
+        *path, name = out.split(".")
+        parent = self.body.get_submodule(".".join(path))
+        layer = getattr(parent, name, None)
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(f"out={out!r} is not an nn.Linear of the teacher; name its output layer")
+        setattr(parent, name, nn.Identity())                                  # the body now returns features h
+        W, b = layer.weight.detach(), layer.bias.detach()                     # (C, width), (C,)
+        self.policy, self.K, self.N, self.C, width = policy, K, N, layer.out_features, layer.in_features
+        if policy == "gm":
+            piflow.add_gm_head(self, width, K, self.C, emb_dim=64, logstd_inner_dim=64)
+            piflow.init_gm_head(self, W, b, K, self.C, channel_last=False, bias_noise=bias_noise)
+        else:
+            self.proj_out = nn.Linear(width, N * self.C)
+            Wn, bn = piflow.widen_from_teacher(W, b, N, self.C, channel_last=False)
+            with torch.no_grad():
+                self.proj_out.weight.copy_(Wn), self.proj_out.bias.copy_(bn)
+        self.segment_size, self.shift = 1.0 / (cfg.nfe - 1 + cfg.final_step_scale), cfg.shift
+
+    def forward(self, x_t, sigma, cond=None):
+        B, sigma = x_t.shape[0], piflow.as_batch(sigma, x_t)
+        h = piflow.call(self.body, x_t, sigma, cond)                           # (B, width)
+        if self.policy == "gm":
+            emb = toy.timestep_embedding(sigma, 64)
+            return piflow.gm_policy(self.proj_out_means(h).view(B, self.K, self.C),
+                                    self.proj_out_logweights(h).view(B, self.K, 1), piflow.gm_logstds(self, emb),
+                                    x_t, sigma)
+        grid_u = self.proj_out(h).view(B, self.N, self.C)
+        return piflow.DXPolicy(grid_u, x_t, sigma, self.segment_size, self.shift)
+
+
+class Distillation:
+    """trainer.py attachment for any teacher: data-free π-ID (Alg. 3) needs only noise and, optionally, conditions."""
+    sharded, autocast = False, False
+
+    def __init__(self, teacher, student, noise_shape, sample_cond=None):
+        self.teacher, self.student, self.noise_shape, self._cond = teacher, student, tuple(noise_shape), sample_cond
+
+    def trainable(self):
+        return dict(self.student.named_parameters())
+
+    def sample_cond(self, n, g):
+        return None if self._cond is None else self._cond(n, g)
+
+
+# Settings to start from for a small teacher of your own (the README explains each): 4 NFE, no shift (a shift
+# of 3.2 is for megapixel latents), 128 substeps, 2 states per call, no micro-window for GM (3 substeps for DX),
+# no GM dropout, AdamW 1e-3 with cosine decay and Karras EMA; sample without GM temperature unless you tune it.
+START = dict(nfe=4, shift=1.0, total_substeps=128, num_intermediate=2, steps=1000, batch_size=256, lr=1e-3,
+             warmup=50, ema_start=50, cosine=True)
+
+
+def distill(teacher, out, policy="gm", K=8, N=10, noise_shape=(2,), teacher_out="out", sample_cond=None,
+            name="teacher", **settings):
+    """Distill `teacher` into a π-Flow student with trainer.train; returns the EMA student (student.piid_config
+    holds its schedule, so piflow.sample(student, noise) keeps it). settings: PiIDConfig / TrainConfig fields."""
+    import trainer
+    s = dict(START, window_substeps=3 if policy == "dx" else 0, **settings)
+    cfg = piflow.PiIDConfig(**{k: v for k, v in s.items() if k in piflow.PiIDConfig.__dataclass_fields__})
+    tc = trainer.TrainConfig(**{k: v for k, v in s.items() if k in trainer.TrainConfig.__dataclass_fields__})
+    meta = trainer.settings_of(cfg, tc, teacher=name, policy=policy, K=K, N=N, teacher_out=teacher_out)
+    run = argparse.Namespace(out=out, resume=False, overwrite=True, export=None, log_every=0, ckpt_every=0,
+                             eval_every=0, threads=0, no_progress=True)
+    build = lambda device, dtype: Distillation(teacher, PolicyStudent(teacher, policy, K, N, cfg, teacher_out),
+                                               noise_shape, sample_cond)
+    att, ema = trainer.train(build, cfg, tc, meta, run)
+    trainer.load_into(att.trainable(), ema)
+    return att.student.eval()
+
+
+@torch.no_grad()
+def alignment(student, teacher, noise, cond=None, nfe=None, temperature=None):
+    """{student, teacher_euler}: MSE to the teacher's ODE endpoint (RK4, 64 steps = 256 calls) from `noise`."""
+    nfe = nfe or student.piid_config.nfe
+    ref = toy.teacher_rk4(teacher, noise, cond)
+    x = piflow.sample(student, noise, cond, nfe, temperature=temperature)
+    x_e = toy.teacher_euler(teacher, noise, cond, nfe, student.piid_config.shift, student.piid_config.final_step_scale)
+    return {"student": toy.teacher_alignment(x, ref), "teacher_euler": toy.teacher_alignment(x_e, ref)}
+
+
+#################################################################################
+#                 The 2-D lab figure: policies at work (Pillow only)            #
+#################################################################################
+
+@torch.no_grad()
+def policy_path(student, x, nfe):
+    """Every substep state of a π-Flow sample: (states (S + 1, B, C), indices of the NFE network calls)."""
+    cfg = student.piid_config
+    taus, _ = piflow.nfe_schedule(nfe, cfg.shift, cfg.final_step_scale)
+    path, calls = [x], []
+    for i in range(nfe):
+        calls.append(len(path) - 1)
+        policy = student(x, piflow.warp_time(float(taus[i]), cfg.shift), None)
+        n = int(piflow.rollout_substeps(taus[i], taus[i + 1], cfg.total_substeps))
+        for j in range(n):                                    # one substep at a time (same Euler grid)
+            a, b = float(taus[i]) - j * float(taus[i] - taus[i + 1]) / n, float(taus[i]) - (j + 1) * float(
+                taus[i] - taus[i + 1]) / n
+            x = piflow.policy_rollout(policy, x, a, max(b, 0.0), cfg.shift, total_substeps=1)   # 1 step
+            path.append(x)
+    return torch.stack(path), calls
+
+
+@torch.no_grad()
+def euler_path(teacher, x, steps):
+    path = [x]
+    for i in range(steps):
+        s = 1 - i / steps
+        x = x - teacher(x, piflow.as_batch(s, x)) / steps
+        path.append(x)
+    return torch.stack(path), list(range(steps))
+
+
+def draw_panel(d, ox, oy, P, pts, title, sub, paths=(), ref_paths=(), font=None, small=None, lim=3.0):
+    """One square scatter panel at (ox, oy): dark squares, sample dots, trajectories, title and metric line."""
+    to_px = lambda p: (ox + (float(p[0]) + lim) / (2 * lim) * P, oy + (lim - float(p[1])) / (2 * lim) * P)
+    for i in range(4):
+        for j in range(4):
+            if (i + j) % 2 == 0:
+                a, b = to_px((i - 2, j - 1)), to_px((i - 1, j - 2))
+                d.rectangle([a[0], a[1], b[0], b[1]], fill=(228, 228, 238))
+    d.rectangle([ox, oy, ox + P, oy + P], outline=(0, 0, 0))
+    for v in (-2, 0, 2):                                       # axis ticks with values
+        x, y = to_px((v, v))
+        d.line([x, oy + P, x, oy + P + 3], fill=0), d.text((x - 4, oy + P + 3), str(v), fill=0, font=small)
+        d.line([ox - 3, y, ox, y], fill=0), d.text((ox - 14, y - 6), str(v), fill=0, font=small)
+    for p in pts:
+        x, y = to_px(p)
+        if ox <= x < ox + P and oy <= y < oy + P:
+            d.point((x, y), fill=(20, 40, 120))
+    colors = [(220, 40, 40), (20, 150, 60), (230, 140, 0), (150, 40, 200), (0, 150, 200)]
+    for path in ref_paths:
+        d.line([to_px(p) for p in path], fill=(140, 140, 140), width=1)
+    for (path, calls), c in zip(paths, colors):
+        d.line([to_px(p) for p in path], fill=c, width=2)
+        for k in calls:
+            x, y = to_px(path[k])
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], outline=(0, 0, 0), fill=c)
+        x, y = to_px(path[-1])
+        d.rectangle([x - 2, y - 2, x + 2, y + 2], fill=(0, 0, 0))
+    d.text((ox, oy - 30), title, fill=0, font=font)
+    d.text((ox, oy - 14), sub, fill=(60, 60, 60), font=small)
+
+
+def lab2d(out_png=ASSET, run_dir="runs/toy2d", steps=500, n_points=2000, log=print):
+    """Teacher (flow matching, ~10 s) and GM / DX students at 1, 2, 4 NFE; one labelled PNG and a table."""
+    from PIL import Image, ImageDraw, ImageFont
+    teacher = train_teacher()
+    noise = torch.randn(n_points, 2, generator=torch.Generator().manual_seed(1234))
+    ref = toy.teacher_rk4(teacher, noise)
+    rows, table = [], ["| sampler | NFE | align (MSE to teacher ODE) | hit rate |", "|---|---|---|---|"]
+    starts = torch.tensor([[-1.6, 1.3], [1.5, 1.5], [1.3, -1.6], [-1.4, -1.0], [0.3, 0.5]])   # the drawn paths
+    ref_paths = list(euler_path(teacher, starts, 256)[0].transpose(0, 1))
+
+    def panel(name, nfe, x, path, calls):
+        m = (toy.teacher_alignment(x, ref), hit_rate(x))
+        table.append(f"| {name} | {nfe} | {m[0]:.4f} | {m[1]:.3f} |")
+        log(table[-1])
+        return (f"{name}, NFE {nfe}", f"align {m[0]:.4f} | hit {m[1]:.3f}", x,
+                [(p, calls) for p in path.transpose(0, 1)])
+    rows.append([panel("teacher Euler", n, toy.teacher_euler(teacher, noise, None, n), *euler_path(teacher, starts, n))
+                 for n in (1, 2, 4, 8)])
+    rows[0].append(("teacher ODE (RK4, 256 calls)", f"align 0 | hit {hit_rate(ref):.3f}", ref, []))
+    data = checkerboard(n_points, torch.Generator().manual_seed(1))
+    rows[0].append(("data (exact samples)", f"hit {hit_rate(data):.3f}", data, []))
+    for policy, label in (("gm", "pi-Flow GM K=8"), ("dx", "pi-Flow DX N=10")):
+        rows.append([])
+        for nfe in (1, 2, 4):
+            student = distill(teacher, os.path.join(run_dir, f"{policy}_nfe{nfe}"), policy, nfe=nfe, steps=steps)
+            x = piflow.sample(student, noise, None, nfe)
+            rows[-1].append(panel(label, nfe, x, *policy_path(student, starts, nfe)))
+            if policy == "gm" and nfe == 4:                              # GM temperature (App. B.1), sampling only
+                xt = piflow.sample(student, noise, None, nfe, temperature="auto")
+                rows[-1].append(panel(label + ", temperature 0.3", nfe, xt, *policy_path(student, starts, nfe)))
+    P, gap, top = 210, 46, 40
+    W, H = 6 * (P + gap) + gap, len(rows) * (P + gap + 20) + top + 60
+    img = Image.new("RGB", (W, H), (255, 255, 255))
+    d, font, small = ImageDraw.Draw(img), ImageFont.load_default(size=13), ImageFont.load_default(size=11)
+    d.text((gap, 8), "2-D checkerboard: teacher Euler vs pi-Flow students from the SAME noise (2000 points); "
+           "students start from the teacher network", fill=0, font=ImageFont.load_default(size=15))
+    for r, row in enumerate(rows):
+        for c, (title, sub, pts, paths) in enumerate(row):
+            draw_panel(d, gap + c * (P + gap), top + 32 + r * (P + gap + 20), P, pts, title, sub, paths,
+                       ref_paths if paths else (), font, small)
+    notes = ["How to read it. Dots: 2000 samples, the same noises in every panel.",
+             "Colored lines: 5 trajectories through every Euler step (teacher) or every",
+             "policy substep (student: 128 per unit time, no network call).",
+             "Circles: network evaluations (NFE); black squares: endpoints.",
+             "Grey lines: the teacher's ODE path from the same 5 noises.",
+             "Shaded squares: the data's support. align = MSE to the teacher's ODE",
+             "endpoint from the same noise (RK4, 256 calls); hit = fraction of points",
+             "on a shaded square. Students: copies of the teacher with the output layer",
+             f"widened into a GM (K=8) or DX (N=10) head, {steps} pi-ID steps each.",
+             "The temperature panel shows the GM policy sampled with temperature 0.3",
+             "(the 'auto' value at 4 NFE), the same weights."]
+    for i, s in enumerate(notes):
+        d.text((gap + 4 * (P + gap), top + 40 + (P + gap + 20) * 2 + 15 * i), s, fill=(40, 40, 40), font=small)
+    common.save_atomic(out_png, lambda tmp: img.save(tmp, format="PNG"))
+    return table
+
+
+def load_factory(spec):
+    """'module:function' -> the teacher the function returns (an nn.Module)."""
+    mod, _, fn = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise common.UserError(f"--teacher={spec!r} cannot be imported ({type(e).__name__}: {e}); expected "
+                               "module:function returning the teacher network") from None
+    return factory().eval().requires_grad_(False)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Distill your own teacher into a pi-Flow student (2-D lab and recipe).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    lab = sub.add_parser("lab", help="2-D checkerboard: teacher, GM and DX students at 1/2/4 NFE, the figure")
+    lab.add_argument("--out", default=ASSET, help="figure path (default: %(default)s)")
+    lab.add_argument("--steps", type=int, default=500, help="training steps per student (default: %(default)s)")
+    dis = sub.add_parser("distill", help="distill any unconditional velocity network u = f(x_t (B, C), sigma)")
+    dis.add_argument("--teacher", required=True, help="module:function that returns the teacher network")
+    dis.add_argument("--teacher-out", default="out", help="attribute path of its output nn.Linear (default: out)")
+    dis.add_argument("--policy", choices=("gm", "dx"), default="gm", help="policy head (default: gm)")
+    dis.add_argument("--K", type=int, default=8, help="GM components (default: 8)")
+    dis.add_argument("--N", type=int, default=10, help="DX grid points (default: 10)")
+    dis.add_argument("--nfe", type=int, default=START["nfe"], help="student steps (default: %(default)s)")
+    dis.add_argument("--steps", type=int, default=START["steps"], help="training steps (default: %(default)s)")
+    dis.add_argument("--lr", type=float, default=START["lr"], help="AdamW learning rate (default: %(default)s)")
+    dis.add_argument("--out", default="runs/distill", help="run folder; ckpt.pt holds the student "
+                     "(default: %(default)s)")
+    args = p.parse_args(argv)
+    common.check(p, args, [("steps", args.steps >= 1, "an integer >= 1")] +
+                 ([("nfe", args.nfe >= 1, "an integer >= 1"), ("lr", args.lr > 0, "a value > 0")]
+                  if args.cmd == "distill" else []))
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    with common.user_errors(f"toy2d.py {args.cmd}"):
+        if args.cmd == "lab":
+            common.check_writable(args.out, "--out")
+            print("\n".join(lab2d(args.out, steps=args.steps)))
+            print(f"wrote {args.out}")
+            return
+        common.check_writable(args.out, "--out", is_dir=True)
+        teacher = load_factory(args.teacher)
+        try:
+            dim = teacher.get_submodule(args.teacher_out).out_features
+        except AttributeError:
+            raise common.UserError(f"--teacher-out={args.teacher_out!r} is not a layer of the teacher") from None
+        student = distill(teacher, args.out, args.policy, args.K, args.N, (dim,), args.teacher_out,
+                          name=args.teacher, nfe=args.nfe, steps=args.steps, lr=args.lr)
+        noise = torch.randn(2000, dim, generator=torch.Generator().manual_seed(1234))
+        a = alignment(student, teacher, noise)
+        print(f"{args.nfe}-NFE alignment (MSE to the teacher's RK4 ODE endpoint, 2000 noises): student "
+              f"{a['student']:.5f} | teacher Euler: {a['teacher_euler']:.5f}; student weights: {args.out}/ckpt.pt")
+        return a
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
