@@ -208,30 +208,38 @@ class ToyNet(nn.Module):
 TEACHER_RECIPE = dict(width=192, depth=3, steps=4000, batch=256, lr=2e-3, seed=0)
 
 
+def fit(net, batch_loss, steps, lr, log=None):
+    """The teachers' training loop (toy and 2-D): AdamW, betas (0.9, 0.95), cosine LR to 0; batch_loss(net) -> loss."""
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / steps))
+        loss = batch_loss(net)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if log and (step + 1) % 500 == 0:
+            log(f"teacher step {step + 1}/{steps}: loss {loss.item():.5f}")
+    return net.eval()
+
+
 def train_teacher(width=192, depth=3, steps=4000, batch=256, lr=2e-3, seed=0, log=print):
     """Fit ToyNet to the exact velocity (the minimiser of the flow matching loss, Eq. 2) by AdamW with cosine LR."""
     data = ToyData()
     exact = ToyTeacher(data)
     torch.manual_seed(seed)
     net = ToyNet(width, depth)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
-    for step in range(steps):
+
+    def batch_loss(net):
         cond = torch.randint(NUM_CLASSES + 1, (batch,), generator=g)
         label = torch.where(cond == NUM_CLASSES, torch.randint(NUM_CLASSES, (batch,), generator=g), cond)
         x0 = data.sample(label, g)                                       # null class: data of a random class
         sigma = torch.rand(batch, generator=g)
         sigma = torch.where(torch.rand(batch, generator=g) < 0.2, sigma ** 3, sigma).clamp(min=1e-3)
         x_t = piflow.diffuse(x0, torch.randn(x0.shape, generator=g), sigma)
-        for group in opt.param_groups:
-            group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / steps))
-        loss = (net(x_t, sigma, cond) - exact(x_t, sigma, cond)).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if log and (step + 1) % 500 == 0:
-            log(f"teacher step {step + 1}/{steps}: velocity MSE {loss.item():.5f}")
-    return net.eval()
+        return (net(x_t, sigma, cond) - exact(x_t, sigma, cond)).pow(2).mean()
+    return fit(net, batch_loss, steps, lr, log)
 
 
 def load_teacher(path=TEACHER_CKPT):

@@ -14,7 +14,6 @@ channels), write the head into the network's forward instead, as toy.ToyStudent 
 import argparse
 import copy
 import importlib
-import math
 import os
 import sys
 
@@ -69,16 +68,11 @@ def train_teacher(steps=3000, batch=1024, lr=2e-3, seed=0):
     """Flow matching (Eq. 2): regress u = eps - x0 at x_sigma = (1 - sigma) x0 + sigma eps, sigma ~ U(0, 1)."""
     torch.manual_seed(seed)
     net, g = MLP2D(), torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    for step in range(steps):
+
+    def batch_loss(net):
         x0, eps, sigma = checkerboard(batch, g), torch.randn(batch, 2, generator=g), torch.rand(batch, generator=g)
-        for group in opt.param_groups:
-            group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / steps))
-        loss = (net(piflow.diffuse(x0, eps, sigma), sigma) - (eps - x0)).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return net.eval().requires_grad_(False)
+        return (net(piflow.diffuse(x0, eps, sigma), sigma) - (eps - x0)).pow(2).mean()
+    return toy.fit(net, batch_loss, steps, lr).requires_grad_(False)
 
 
 def checkerboard_teacher():
