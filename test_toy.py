@@ -183,12 +183,12 @@ def test_default_sample_png_pixels_and_alignment(tmp_path):
 
 
 def test_lab_quick_json_is_independent_of_jobs(tmp_path):
-    """`toy.py lab --quick` with 1 and 2 worker processes: identical per-seed metrics and verdicts; every row
+    """`toy_lab.py --quick` with 1 and 2 worker processes: identical per-seed metrics and verdicts; every row
     and claim of the quick table present."""
     rows = {}
     for jobs in (1, 2):
         out = tmp_path / f"j{jobs}"
-        toy.main(["lab", "--quick", "--steps", "2", "--seeds", "2", "--per-class", "2", "--jobs", str(jobs),
+        toy_lab.main(["--quick", "--steps", "2", "--seeds", "2", "--per-class", "2", "--jobs", str(jobs),
                   "--out", str(out)])
         rows[jobs] = json.loads((out / "table.json").read_text())
     strip = lambda t: ([{k: v for k, v in r.items() if k != "cpu_s"} for r in t["rows"]], t["claims"])
@@ -249,7 +249,7 @@ def test_bad_input_one_line_errors(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and re.search(expected, err), err
     with pytest.raises(SystemExit):
-        toy.main(["lab", "--jobs", "0", "--out", str(tmp_path / "lab")])
+        toy_lab.main(["--jobs", "0", "--out", str(tmp_path / "lab")])
     assert "--jobs=0" in capsys.readouterr().err
     with pytest.raises(common.UserError, match="--init=teacher needs the teacher's --width 192"):
         toy.ToyAttachment(toy.Options(width=32, init="teacher"), piflow.PiIDConfig(), None, {}, "cpu")

@@ -3,8 +3,8 @@ it, students initialised from that teacher as in the paper, metrics, and the tra
 
     python sample.py --nfe 4             # the shipped 4-NFE student (assets/toy_gm_k8_nfe4.pt): seconds on a CPU
     python toy.py teacher                # retrain the shipped teacher network (assets/toy_teacher.pt)
-    python toy.py lab --quick            # the claims table (toy_lab.py): smoke run, 2 min on 2 cores
-    python toy.py lab                    # the claims table, 3 seeds per row (see the README for the wall time)
+    python toy_lab.py --quick           # the claims table: smoke run, about 1 min on 2 cores
+    python toy_lab.py                    # the claims table, 3 seeds per row (see the README for the wall time)
 
 Data: x0 (1, 8, 8) images. Each of 10 classes is a mixture of 4 prototype images (smooth random patterns in
 [-1, 1], fixed by a seed in code) with within-class weights 0.4/0.3/0.2/0.1 and per-pixel noise std 0.1.
@@ -528,13 +528,12 @@ def sample_grid(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Toy ImageNet for pi-Flow (CPU): the teacher network and the lab.")
+    p = argparse.ArgumentParser(description="Toy ImageNet for pi-Flow (CPU): train the teacher network (the lab is "
+                                "toy_lab.py).")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("teacher", help="train the teacher network on the exact velocity (the shipped recipe)")
     t.add_argument("--out", default=TEACHER_CKPT, help="output file (default: %(default)s)")
     t.add_argument("--steps", type=int, default=TEACHER_RECIPE["steps"], help="training steps (default: %(default)s)")
-    import toy_lab
-    toy_lab.add_lab_parser(sub)
     args = p.parse_args(argv)
     if args.cmd == "teacher":
         common.check(p, args, [("steps", args.steps >= 1, "an integer >= 1")])
@@ -548,8 +547,6 @@ def main(argv=None):
             common.check_finite(sd, "teacher")
             common.save_torch({"net": sd, "recipe": recipe}, args.out)
             print(f"wrote {args.out}")
-    else:
-        toy_lab.run_lab(p, args)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The toy lab: the paper's ablations on toy ImageNet (toy.py), every student initialised from the teacher network
 as in the paper, all rows at one equal budget, several seeds per row, and a verdict per claim.
 
-    python toy.py lab --quick       # smoke run: NFE 1 and 4, fewer rows and steps (numbers mean little)
-    python toy.py lab               # the claims table: runs/lab/table.md, table.json (per-seed values), table.png
+    python toy_lab.py --quick       # smoke run: NFE 1 and 4, fewer rows and steps (numbers mean little)
+    python toy_lab.py               # the claims table: runs/lab/table.md, table.json (per-seed values), table.png
 
 A claim "A is better than B" counts as reproduced only when every seed of A beats every seed of B (the seed
 ranges do not overlap); the opposite is "contradicted"; overlapping ranges are "inconclusive at this budget".
@@ -120,8 +120,9 @@ def _lab_job(job):
     return res, time.process_time() - t
 
 
-def add_lab_parser(sub):
-    lab = sub.add_parser("lab", help="train the lab's students (several seeds per row) and write the claims table")
+def lab_parser():
+    lab = argparse.ArgumentParser(prog="toy_lab.py", description="Train the lab's students (several seeds per row, "
+                                  "every one initialised from the toy teacher network) and write the claims table.")
     lab.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK['steps']} steps, NFE 1 and 4, "
                      f"{QUICK['seeds']} seeds, 4 rows, {10 * QUICK['per_class']} eval samples")
     lab.add_argument("--steps", type=int, default=None, help=f"training steps per student (default {LAB['steps']}; "
@@ -133,6 +134,7 @@ def add_lab_parser(sub):
     lab.add_argument("--out", default=None, help="output folder (default runs/lab or runs/lab_quick)")
     lab.add_argument("--jobs", type=int, default=2,
                      help="students trained at once, one process and one CPU thread each (default 2 = 2 cores)")
+    return lab
 
 
 def summary(vals):
@@ -153,7 +155,7 @@ def run_lab(parser, args):
     budget = dict(QUICK if args.quick else LAB)
     budget.update({k: getattr(args, k) for k in ("steps", "seeds", "per_class") if getattr(args, k) is not None})
     out = args.out or ("runs/lab_quick" if args.quick else "runs/lab")
-    with common.user_errors("toy.py lab"):
+    with common.user_errors("toy_lab.py"):
         common.check_writable(out, "--out", is_dir=True)
         teacher = toy.load_teacher()
     os.makedirs(out, exist_ok=True)
@@ -267,3 +269,12 @@ def bar_plot(table, bar_h=12, width=420):
         d.line([x_of(10 ** e), H - 20, x_of(10 ** e), H - 16], fill=0)
         d.text((x_of(10 ** e) - 10, H - 14), f"1e{e}", fill=0)
     return img
+
+
+def main(argv=None):
+    p = lab_parser()
+    run_lab(p, p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
