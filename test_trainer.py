@@ -397,3 +397,24 @@ def test_sample_keeps_the_training_schedule():
     seen.clear()
     piflow.sample(Student(), torch.randn(1, 2), nfe=1)                     # elastic NFE keeps shift/scale
     assert seen == [1.0]
+
+
+def test_every_command_shows_its_models_own_options(capsys):
+    """`sample.py --model M --help` and the training scripts' --help list that model's options with defaults."""
+    import train_t2i
+    own = {"toy": "--per-class", "imagenet": "--class-labels", "flux": "--adapter", "flux2": "--image IMAGE",
+           "qwen": "--adapter", "sd3": "--adapter"}
+    assert set(own) == set(sample.MODELS)
+    for model, flag in own.items():
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--model", model, "--help"])
+        text = capsys.readouterr().out
+        assert e.value.code == 0 and f"--model {model}" in text and flag in text and "(default:" in text, model
+    for main, select, choice, flag in ((train_imagenet.main, "--teacher", "toy", "--width"),
+                                       (train_imagenet.main, "--teacher", "sit", "--teacher-ckpt"),
+                                       (train_t2i.main, "--model", "flux", "--lora-rank"),
+                                       (train_t2i.main, "--model", "sd3", "--lora-rank")):
+        with pytest.raises(SystemExit):
+            main([select, choice, "--help"])
+        text = capsys.readouterr().out
+        assert f"{select} {choice}" in text and flag in text and "--max-skips" in text and "--gm-dropout" in text
