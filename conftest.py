@@ -4,3 +4,15 @@
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def flush_denormals():
+    """Denormals make the CPU GM posterior very slow; the attachment test modules flush them (module by module:
+    test_piflow.py's Hypothesis checks need IEEE floats)."""
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_flush_denormal(False)

@@ -37,11 +37,7 @@ MODELS = ("flux", "flux2", "qwen", "sd3")
 TXT = {"flux": 32, "flux2": 24, "qwen": 32, "sd3": 32}          # text embedding width of each tiny base
 
 
-@pytest.fixture(autouse=True, scope="module")
-def flush_denormals():
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
+pytestmark = pytest.mark.usefixtures("flush_denormals")   # conftest.py
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -27,12 +27,7 @@ DATA = toy.ToyData()
 TEACHER = toy.load_teacher()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def flush_denormals():
-    """Denormals make the CPU GM posterior very slow; flush them for this module only."""
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
+pytestmark = pytest.mark.usefixtures("flush_denormals")   # conftest.py
 
 
 def numpy_velocity(x_t, sigma, weights, protos, var):

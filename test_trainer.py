@@ -32,11 +32,7 @@ TINY = ["--teacher", "toy", "--width", "32", "--depth", "1", "--K", "4", "--nfe"
         "--no-progress", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def flush_denormals():
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
+pytestmark = pytest.mark.usefixtures("flush_denormals")   # conftest.py
 
 
 def ckpt(path):
