@@ -190,7 +190,12 @@ def save_atomic(path, write):
 
 
 def save_torch(obj, path):
-    save_atomic(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save through save_atomic, into a file object: torch names the zip records after a file *path* (here
+    the random temporary one), so saving through a handle makes equal tensors give equal bytes."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    save_atomic(path, write)
 
 
 def save_text(path, text):

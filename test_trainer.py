@@ -310,6 +310,20 @@ def test_bad_flags_fail_in_one_line_before_any_work(tmp_path, capsys, flags, nam
     assert not out.exists()
 
 
+def test_equal_tensors_save_to_equal_bytes(tmp_path):
+    """Checkpoints and assets reproduce byte for byte: the file's name (and save_atomic's random temporary name)
+    does not enter the bytes; a changed tensor does."""
+    obj = {"w": torch.arange(6.0).reshape(2, 3), "step": 3}
+    paths = [tmp_path / "a.pt", tmp_path / "a.pt", tmp_path / "sub" / "other_name.pt"]
+    data = []
+    for p in paths:
+        common.save_torch(obj, str(p))
+        data.append(p.read_bytes())
+    assert data[0] == data[1] == data[2]
+    common.save_torch({"w": obj["w"] + 1, "step": 3}, str(tmp_path / "b.pt"))
+    assert (tmp_path / "b.pt").read_bytes() != data[0]
+
+
 def test_unwritable_outputs_fail_before_work(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
