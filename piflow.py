@@ -759,3 +759,19 @@ def init_gm_head(net, weight, bias, K, C, channel_last, bias_noise=0.05, generat
     if getattr(net, "constant_logstd", None) is None:
         nn.init.zeros_(net.proj_out_logstds[-1].weight)
         nn.init.constant_(net.proj_out_logstds[-1].bias, math.log(0.05))
+
+
+@torch.no_grad()
+def init_dx_head(linear, weight, bias, N, C, channel_last):
+    """Initialise a DX head (an nn.Linear dim -> N S C) from the teacher's output layer: N identical copies, so
+    at step 0 every grid point is the teacher's x0 (App. C.1). Returns `linear`."""
+    W, b = widen_from_teacher(weight, bias, N, C, channel_last)
+    linear.weight.copy_(W)
+    linear.bias.copy_(b)
+    return linear
+
+
+def dx_grid(cfg):
+    """DXPolicy's segment_size and shift for a student trained with `cfg`: the grid spans one full training step
+    in raw time, 1 / (NFE - 1 + s) as in nfe_schedule (1/3.5 at 4 NFE, s = 0.5), under the training shift."""
+    return {"segment_size": 1.0 / (cfg.nfe - 1 + cfg.final_step_scale), "shift": cfg.shift}

@@ -139,8 +139,7 @@ def student_from_teacher(teacher, policy, K, N, cfg, generator=None):
         piflow.init_gm_head(student, W, b, K, C, channel_last=True, generator=generator)
     else:
         student = DXDiT(**dict(config, out_channels=N * C))
-        W, b = piflow.widen_from_teacher(W, b, N, C, channel_last=True)
-        student.proj_out_2.weight.copy_(W), student.proj_out_2.bias.copy_(b)
+        piflow.init_dx_head(student.proj_out_2, W, b, N, C, channel_last=True)
     student.load_state_dict({k: v for k, v in teacher.state_dict().items() if "proj_out_2" not in k}, strict=False)
     return with_schedule(student, teacher.t_scale, cfg)
 
@@ -148,7 +147,8 @@ def student_from_teacher(teacher, policy, K, N, cfg, generator=None):
 def with_schedule(student, t_scale, cfg):
     """Attach the time scale and the training schedule; the DX grid spans one training step, 1 / (NFE - 1 + s)."""
     student.t_scale, student.piid_config = float(t_scale), cfg
-    student.segment_size, student.shift = 1.0 / (cfg.nfe - 1 + cfg.final_step_scale), cfg.shift
+    grid = piflow.dx_grid(cfg)
+    student.segment_size, student.shift = grid["segment_size"], grid["shift"]
     return student
 
 

@@ -11,7 +11,7 @@ The student is the stock diffusers transformer (its own forward, never a copy) w
   * a policy head on the input h (B, L, D) of its proj_out, read by a forward hook (the model's own output is not
     used, so the head works whatever follows proj_out, e.g. SD3's unpatchify): GM (§3.2, App. C.1): proj_out_means
     / proj_out_logweights / proj_out_logstds (piflow.add_gm_head), initialised from the teacher's proj_out
-    (piflow.init_gm_head); or DX (§3.1): proj_out widened N times (piflow.widen_from_teacher);
+    (piflow.init_gm_head); or DX (§3.1): proj_out widened N times (piflow.init_dx_head);
   * a peft LoRA named 'piflow' (alpha = r; recipe §6.2-6.4) and a trainable norm_out.
 The teacher is the same module with every LoRA switched off and frozen copies of the original norm_out (and for DX
 proj_out), so the 12-32 B trunk exists once (recipe §4.9). The latent x (B, C, H, W) is what the policy sees; each
@@ -249,10 +249,7 @@ class T2IStudent(nn.Module):
                 self.teacher_proj_out = copy.deepcopy(lin).requires_grad_(False)
             tr.proj_out = nn.Linear(D, head.N * S * C).to(lin.weight.device)
             if init:
-                with torch.no_grad():
-                    for p, v in zip((tr.proj_out.weight, tr.proj_out.bias),
-                                    piflow.widen_from_teacher(W, b, head.N, C, fam.channel_last)):
-                        p.copy_(v)
+                piflow.init_dx_head(tr.proj_out, W, b, head.N, C, fam.channel_last)
             self.policy_config = dict(dx_policy, type="DX")       # segment_size, shift (recipe §3)
         self.tr, self._teacher, self._temb, self._h, self._out = tr, False, None, None, None
         tr.norm_out.register_forward_pre_hook(self._grab_temb)

@@ -1155,6 +1155,14 @@ class MLPStudent(torch.nn.Module):
         return pf.GMPolicy(means, logw, h[:, -1].view(B, 1, 1) - 2.0, x_t, sigma)
 
 
+def test_dx_grid_spans_one_training_step():
+    """A DX student's grid spans one full training step in raw time, 1 / (NFE - 1 + s), under the training
+    shift: values by hand (4 NFE, s = 0.5: 1/3.5 -- not 1/NFE; 1 NFE: the whole interval)."""
+    for nfe, s, shift, span in [(4, 0.5, 3.2, 1 / 3.5), (4, 1.0, 1.0, 0.25), (1, 1.0, 1.0, 1.0), (2, 0.5, 2.0, 2 / 3)]:
+        grid = pf.dx_grid(pf.PiIDConfig(nfe=nfe, final_step_scale=s, shift=shift))
+        assert math.isclose(grid["segment_size"], span, rel_tol=1e-12) and grid["shift"] == shift
+
+
 @pytest.mark.parametrize("policy", ["gm", "dx"])
 def test_end_to_end_piid_on_2d_gm(policy):
     """A few hundred data-free π-ID steps on an exact 2-D GM teacher: the loss falls and the 4-NFE samples

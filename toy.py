@@ -311,12 +311,9 @@ class ToyStudent(ToyNet):
             piflow.init_gm_head(self, Wt, bt, opts.K, D, channel_last=False,
                                 bias_noise=0.05 if teacher is not None else 0.1)
         elif opts.policy == "dx":
-            self.proj_out = nn.Linear(opts.width, opts.N * D)
-            Wn, bn = piflow.widen_from_teacher(Wt, bt, opts.N, D, channel_last=False)
-            with torch.no_grad():
-                self.proj_out.weight.copy_(Wn), self.proj_out.bias.copy_(bn)
-        self.segment_size = 1.0 / (cfg.nfe - 1 + cfg.final_step_scale)      # DX grid span: one training step
-        self.shift = cfg.shift
+            self.proj_out = piflow.init_dx_head(nn.Linear(opts.width, opts.N * D), Wt, bt, opts.N, D, False)
+        grid = piflow.dx_grid(cfg)                                            # DX grid span: one training step
+        self.segment_size, self.shift = grid["segment_size"], grid["shift"]
 
     def forward(self, x_t, sigma, cond):
         B, (C, H, W) = x_t.shape[0], self.img

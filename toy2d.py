@@ -5,7 +5,7 @@
 
 Any network u = G(x_t, sigma[, cond]) on vectors x_t (B, C) whose last layer is an nn.Linear (width -> C) becomes
 a π-Flow student with `PolicyStudent(teacher, out="out")`: a copy of the teacher whose output layer is widened
-into a GM (or DX) head initialised from it (App. C.1; piflow.add_gm_head / init_gm_head / widen_from_teacher).
+into a GM (or DX) head initialised from it (App. C.1; piflow.add_gm_head / init_gm_head / init_dx_head).
 `distill()` trains it with the project's one loop (trainer.train) on data-free π-ID (Alg. 3); `alignment()`
 measures it against the teacher's many-step ODE (RK4, 256 teacher calls) from the same noise, next to the
 teacher's own Euler sampler at the same NFE. For image networks whose output layer feeds a reshape (patches,
@@ -109,11 +109,9 @@ class PolicyStudent(nn.Module):
             piflow.add_gm_head(self, width, K, self.C, emb_dim=64, logstd_inner_dim=64)
             piflow.init_gm_head(self, W, b, K, self.C, channel_last=False, bias_noise=bias_noise)
         else:
-            self.proj_out = nn.Linear(width, N * self.C)
-            Wn, bn = piflow.widen_from_teacher(W, b, N, self.C, channel_last=False)
-            with torch.no_grad():
-                self.proj_out.weight.copy_(Wn), self.proj_out.bias.copy_(bn)
-        self.segment_size, self.shift = 1.0 / (cfg.nfe - 1 + cfg.final_step_scale), cfg.shift
+            self.proj_out = piflow.init_dx_head(nn.Linear(width, N * self.C), W, b, N, self.C, channel_last=False)
+        grid = piflow.dx_grid(cfg)
+        self.segment_size, self.shift = grid["segment_size"], grid["shift"]
 
     def forward(self, x_t, sigma, cond=None):
         B, sigma = x_t.shape[0], piflow.as_batch(sigma, x_t)

@@ -66,15 +66,10 @@ class Options:
 FLAG_ALIASES = {"policy": ["--head"]}           # old underscore spellings: common.hyphenate accepts them all
 
 
-def dx_policy(cfg):
-    """DX policy kwargs: the grid spans one training step in raw time (recipe §3: 1/3.5 at 4 NFE, s = 0.5)."""
-    return {"segment_size": 1 / (cfg.nfe - 1 + cfg.final_step_scale), "shift": cfg.shift}
-
-
 def new_student(opts, cfg, tr, dtype):
     """A fresh student on base `tr`: the head initialised from the teacher's proj_out, then the LoRA (B = 0)."""
     fam = t2i.FAMILIES[opts.model]
-    student = t2i.T2IStudent(fam, tr, t2i.Head(opts.policy, opts.K, opts.N), dtype, dx_policy(cfg))
+    student = t2i.T2IStudent(fam, tr, t2i.Head(opts.policy, opts.K, opts.N), dtype, piflow.dx_grid(cfg))
     if opts.lora_rank:
         student.add_lora(fam.lora(tr), opts.lora_rank, opts.lora_dropout)
     return student
@@ -177,7 +172,7 @@ def attach(opts, cfg, tc, settings, device, dtype):
         student = t2i.student_from_adapter(opts.model, tr, opts.init_adapter, "--init-adapter", dtype,
                                            opts.lora_dropout, adapter)[0]
         if opts.policy == "dx":
-            student.policy_config.update(dx_policy(cfg))
+            student.policy_config.update(piflow.dx_grid(cfg))
     else:
         student = new_student(opts, cfg, tr, dtype)
     for p in student.trainable(train=True).values():                      # fp32 masters (recipe §4.10)
