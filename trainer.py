@@ -78,50 +78,37 @@ class TrainConfig:
 
 # Named presets: one row of the paper's tables (or the shipped toy recipe) each. A preset sets defaults;
 # explicit flags still win. Keys are TrainConfig / PiIDConfig / attachment option fields.
+# Settings shared by every row of Table 8 (ImageNet 256, GM students of SiT-XL/2 size, data-dependent) and of
+# Table 9 (text-to-image: LoRA r=256 + head, 4 NFE, shift 3.2, final step 0.5, micro-window 3); each row below
+# adds what differs.
+TABLE8 = dict(teacher="sit", policy="gm", K=32, guidance_interval=(0.0, 0.7), gm_dropout=0.05, loss_scale=3.0,
+              lr=5e-5, warmup=400, clip_start=400, ema_start=400, batch_size=4096, steps=140000, data_dependent=True)
+TABLE9 = dict(nfe=4, shift=3.2, final_step_scale=0.5, window_substeps=3, loss_scale=30.0, lr=1e-4, warmup=100,
+              clip_start=100, ema_start=100, batch_size=256, micro_batch=2)
 PRESETS = {
     # toy teacher (toy.py): the default run, and the embedded toy student's recipe (assets/README.md)
     "toy": dict(teacher="toy", policy="gm", K=8, nfe=4, lr=3e-5),
     "toy-gm-k8-4nfe": dict(teacher="toy", policy="gm", K=8, nfe=4, steps=2000, batch_size=64, lr=3e-5, cosine=True),
-    # Table 8: ImageNet 256, GM students of SiT-XL/2 size, data-dependent, 1 or 2 NFE
-    "gmrepa-k32-1nfe": dict(teacher="sit", teacher_ckpt="repa", policy="gm", K=32, nfe=1, guidance=3.2,
-                            guidance_interval=(0.0, 0.7), gm_dropout=0.05, loss_scale=3.0, lr=5e-5, warmup=400,
-                            clip_start=400, ema_start=400, batch_size=4096, steps=140000, data_dependent=True),
-    "gmrepa-k32-2nfe": dict(teacher="sit", teacher_ckpt="repa", policy="gm", K=32, nfe=2, guidance=2.8,
-                            guidance_interval=(0.0, 0.7), gm_dropout=0.05, loss_scale=3.0, lr=5e-5, warmup=400,
-                            clip_start=400, ema_start=400, batch_size=4096, steps=24000, data_dependent=True),
-    "gmdit-k32-1nfe": dict(teacher="sit", teacher_ckpt="flowdit", policy="gm", K=32, nfe=1, guidance=2.7,
-                           guidance_interval=(0.0, 0.6), gm_dropout=0.05, loss_scale=3.0, lr=5e-5, warmup=400,
-                           clip_start=400, ema_start=400, batch_size=4096, steps=140000, data_dependent=True),
-    # Table 9: text-to-image, LoRA r=256 + head, shift 3.2, final step 0.5, micro-window 3
-    "gmflux-k8-4nfe": dict(model="flux", policy="gm", K=8, nfe=4, shift=3.2, final_step_scale=0.5,
-                           num_intermediate=4, window_substeps=3, gm_dropout=0.1, loss_scale=30.0, decay_iters=2000,
-                           guidance=3.5, lr=1e-4, warmup=100, clip_start=100, ema_start=100, batch_size=256,
-                           micro_batch=2, steps=3000),
-    "gmflux-k8-8nfe": dict(model="flux", policy="gm", K=8, nfe=8, shift=3.2, final_step_scale=0.5,
-                           num_intermediate=4, window_substeps=3, gm_dropout=0.1, loss_scale=30.0, decay_iters=2000,
-                           guidance=3.5, lr=1e-4, warmup=100, clip_start=100, ema_start=100, batch_size=256,
-                           micro_batch=2, steps=3000),
-    "dxflux-n10-4nfe": dict(model="flux", policy="dx", N=10, nfe=4, shift=3.2, final_step_scale=0.5,
-                            num_intermediate=4, window_substeps=3, loss_scale=30.0, decay_iters=2000, guidance=3.5,
-                            lr=1e-4, warmup=100, clip_start=100, ema_start=100, batch_size=256, micro_batch=2,
-                            steps=3000),
-    "gmqwen-k8-4nfe": dict(model="qwen", policy="gm", K=8, nfe=4, shift=3.2, final_step_scale=0.5,
-                           num_intermediate=2, window_substeps=3, gm_dropout=0.1, loss_scale=30.0, guidance=4.0,
-                           lr=1e-4, warmup=100, clip_start=100, ema_start=100, batch_size=256, micro_batch=2,
+    # Table 8
+    "gmrepa-k32-1nfe": dict(TABLE8, teacher_ckpt="repa", nfe=1, guidance=3.2),
+    "gmrepa-k32-2nfe": dict(TABLE8, teacher_ckpt="repa", nfe=2, guidance=2.8, steps=24000),
+    "gmdit-k32-1nfe": dict(TABLE8, teacher_ckpt="flowdit", nfe=1, guidance=2.7, guidance_interval=(0.0, 0.6)),
+    # Table 9
+    "gmflux-k8-4nfe": dict(TABLE9, model="flux", policy="gm", K=8, num_intermediate=4, gm_dropout=0.1,
+                           decay_iters=2000, guidance=3.5, steps=3000),
+    "gmflux-k8-8nfe": dict(TABLE9, model="flux", policy="gm", K=8, nfe=8, num_intermediate=4, gm_dropout=0.1,
+                           decay_iters=2000, guidance=3.5, steps=3000),
+    "dxflux-n10-4nfe": dict(TABLE9, model="flux", policy="dx", N=10, num_intermediate=4, decay_iters=2000,
+                            guidance=3.5, steps=3000),
+    "gmqwen-k8-4nfe": dict(TABLE9, model="qwen", policy="gm", K=8, num_intermediate=2, gm_dropout=0.1, guidance=4.0,
                            steps=9000),
-    "dxqwen-n10-4nfe": dict(model="qwen", policy="dx", N=10, nfe=4, shift=3.2, final_step_scale=0.5,
-                            num_intermediate=2, window_substeps=3, loss_scale=30.0, guidance=4.0, lr=1e-4,
-                            warmup=100, clip_start=100, ema_start=100, batch_size=256, micro_batch=2, steps=9000),
+    "dxqwen-n10-4nfe": dict(TABLE9, model="qwen", policy="dx", N=10, num_intermediate=2, guidance=4.0, steps=9000),
     # pi-FLUX.2 (released gmflux2_k8_piid_4step): NFE 4, shift 3.2, final step 0.5, embedded guidance 4.0 are
     # published; the other values are FLUX.1's (gmflux-k8-4nfe)
-    "gmflux2-k8-4nfe": dict(model="flux2", policy="gm", K=8, nfe=4, shift=3.2, final_step_scale=0.5,
-                            num_intermediate=4, window_substeps=3, gm_dropout=0.1, loss_scale=30.0, decay_iters=2000,
-                            guidance=4.0, lr=1e-4, warmup=100, clip_start=100, ema_start=100, batch_size=256,
-                            micro_batch=2, steps=3000),
+    "gmflux2-k8-4nfe": dict(TABLE9, model="flux2", policy="gm", K=8, num_intermediate=4, gm_dropout=0.1,
+                            decay_iters=2000, guidance=4.0, steps=3000),
     # SD3 / SD3.5 (not in the paper): Qwen-Image's recipe with SD3.5's CFG 3.5
-    "gmsd3-k8-4nfe": dict(model="sd3", policy="gm", K=8, nfe=4, shift=3.2, final_step_scale=0.5,
-                          num_intermediate=2, window_substeps=3, gm_dropout=0.1, loss_scale=30.0, guidance=3.5,
-                          lr=1e-4, warmup=100, clip_start=100, ema_start=100, batch_size=256, micro_batch=2,
+    "gmsd3-k8-4nfe": dict(TABLE9, model="sd3", policy="gm", K=8, num_intermediate=2, gm_dropout=0.1, guidance=3.5,
                           steps=9000),
 }
 
@@ -512,8 +499,8 @@ def parse(prog, argv, select, modules, default_preset, description, export=None)
     if preset.get(select, choice) != choice:
         pre.error(f"--preset={preset_name!r} is for {common.flag(select)} {preset[select]}, not {choice}")
     module = importlib.import_module(modules[choice])
-    p = argparse.ArgumentParser(prog=prog, description=description + f" Defaults shown are those of "
-                                f"{common.flag(select)} {choice}" + (f", --preset {preset_name}." if preset_name else "."))
+    shown = f"{common.flag(select)} {choice}" + (f", --preset {preset_name}." if preset_name else ".")
+    p = argparse.ArgumentParser(prog=prog, description=f"{description} Defaults shown are those of {shown}")
     p.add_argument(common.flag(select), choices=sorted(modules), default=choice, help="the model to distill; "
                    "--help lists its own options (default: %(default)s)")
     p.add_argument("--preset", choices=presets, default=preset_name, help="a row of the paper's tables "
