@@ -18,10 +18,10 @@ import time
 
 import torch
 
-import common
+from runtime import common
 
-MODELS = {"toy": "toy", "imagenet": "sit", "flux": "pipelines", "flux2": "pipelines", "qwen": "pipelines",
-          "sd3": "pipelines"}                              # --model -> the module that samples it
+MODELS = {"toy": "models.toy", "imagenet": "models.sit", "flux": "models.pipelines", "flux2": "models.pipelines",
+          "qwen": "models.pipelines", "sd3": "models.pipelines"}     # --model -> the module that samples it
 
 
 def parser_for(model):

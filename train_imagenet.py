@@ -9,9 +9,9 @@
 A thin command line over trainer.py: --teacher picks the attachment (toy.py or sit.py), --preset a row of the
 paper's Table 8; flags derive from piflow.PiIDConfig, trainer.TrainConfig and the attachment's Options.
 """
-import trainer
+from runtime import trainer
 
-TEACHERS = {"toy": "toy", "sit": "sit"}                          # --teacher -> attachment module
+TEACHERS = {"toy": "models.toy", "sit": "models.sit"}                        # --teacher -> attachment module
 DEFAULT_PRESET = {"toy": "toy", "sit": "gmrepa-k32-1nfe"}        # --teacher sit alone = Table 8, 1 NFE
 
 

@@ -20,10 +20,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-import common
+from runtime import common
 import piflow
-import t2i
-import trainer
+from models import t2i
+from runtime import trainer
 
 MODELS = dict.fromkeys(t2i.FAMILIES, __name__)           # --model -> the attachment module (this file)
 DEFAULT_PRESET = {m: f"gm{m}-k8-4nfe" for m in t2i.FAMILIES}
@@ -110,7 +110,7 @@ class T2IAttachment:
         prompts from fixed noise ('auto' temperature), decoded with the base's VAE (loaded at the first call)."""
         if self.clip is None:
             return {}
-        import metrics
+        from runtime import metrics
         if self._eval is None:
             vae = t2i.load_pretrained(self.fam.vae, self.opts.base or self.fam.repo, "vae", self.student.dtype)
             idx = torch.arange(min(self.opts.eval_prompts, len(self.cache["prompts"])))
@@ -164,7 +164,7 @@ def attach(opts, cfg, tc, settings, device, dtype):
         raise common.UserError(f"--guidance-interval applies to CFG; --model {opts.model} takes a distilled guidance")
     clip = None
     if opts.eval_clip:
-        import metrics
+        from runtime import metrics
         clip = metrics.load_clip(opts.eval_clip, "--eval-clip")
     cache = t2i.training_cache(opts, fam, base, tc, device, dtype)
     tr = t2i.load_pretrained(fam.transformer, base, "transformer", dtype)

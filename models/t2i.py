@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-import common
+from runtime import common
 import piflow
 
 WEIGHTS, VAE_SCALE, LORA = "diffusion_pytorch_model.safetensors", 8, "piflow"   # LORA: the student's adapter name

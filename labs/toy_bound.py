@@ -29,8 +29,8 @@ import sys
 
 import torch
 
-import common
-import toy
+from runtime import common
+from models import toy
 
 NS = (4, 8, 16, 32, 64, 128)                  # substeps per run
 EPSS = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3)       # per-substep imitation errors of the eps sweep (at n = 32)

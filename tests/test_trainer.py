@@ -18,14 +18,15 @@ import sys
 import pytest
 import torch
 
-import common
+from runtime import common
 import piflow
 import sample
-import toy
+from models import toy
 import train_imagenet
-import trainer
+from runtime import trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)                                         # the repository: scripts run from it
 torch.set_num_threads(1)
 TINY = ["--teacher", "toy", "--width", "32", "--depth", "1", "--K", "4", "--nfe", "2", "--batch-size", "8",
         "--micro-batch", "4", "--warmup", "1", "--ema-start", "0", "--log-every", "0", "--eval-every", "0",
@@ -260,8 +261,8 @@ def test_pickle_payload_is_refused_everywhere(tmp_path, capsys):
 
 def test_second_run_on_a_locked_out_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import common, sys, time; lock = common.RunLock(sys.argv[1]); "
-                               "print('locked', flush=True); time.sleep(60)", str(out)], cwd=HERE,
+    holder = subprocess.Popen([sys.executable, "-c", "from runtime import common; import sys, time; lock = common.RunLock(sys.argv[1]); "
+                               "print('locked', flush=True); time.sleep(60)", str(out)], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -345,7 +346,7 @@ def test_unwritable_outputs_fail_before_work(tmp_path, capsys):
 def torchrun(args, cwd):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(HERE, "train_imagenet.py")] + args, cwd=cwd, env=env, capture_output=True,
+                           os.path.join(ROOT, "train_imagenet.py")] + args, cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
 

@@ -24,8 +24,8 @@ import torch.nn as nn
 from diffusers import DiTTransformer2DModel
 from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings
 
-import common
-import metrics
+from runtime import common
+from runtime import metrics
 import piflow
 
 VAE_ID, HUB, WEIGHTS = "stabilityai/sd-vae-ft-ema", "Lakonik/pi-Flow-ImageNet", "diffusion_pytorch_model.safetensors"
@@ -518,7 +518,7 @@ class SiTAttachment:
         self.teacher = piflow.guided_teacher(as_teacher(self.net, conv), tc.guidance, null, tuple(tc.guidance_interval))
         self._ref, self.fid = None, None
         if opts.eval_ref:                                                 # rank 0 evaluates: no collective
-            import metrics
+            from runtime import metrics
             self.fid = metrics.ImageMetrics(opts.eval_ref, "--eval-ref", device, sync=False), load_vae(opts.vae,
                                                                                                       device)
 
@@ -537,7 +537,7 @@ class SiTAttachment:
     def evaluate(self, student, n=8, teacher_steps=32):
         """Teacher alignment: latent MSE between the student's samples and the guided teacher's 32-step Euler ODE
         from the same noise (n fixed samples and labels; the teacher's endpoints are computed once)."""
-        import toy
+        from models import toy
         with torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
             if self._ref is None:
                 noise = torch.randn((n,) + self.noise_shape, generator=torch.Generator().manual_seed(1234))

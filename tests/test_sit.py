@@ -16,14 +16,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
+from runtime import common
 import piflow
 import sample
-import sit
+from models import sit
 import train_imagenet
 
 torch.set_num_threads(1)
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)                                         # the repository: scripts run from it
 C, S, NCLS = 4, 8, 10
 # published-layout test config: NON-default values (3 heads of 8, 2 layers, latent 8, 10 classes, norm_eps 1e-5)
 CONFIG = dict(num_attention_heads=3, attention_head_dim=8, in_channels=C, out_channels=C, num_layers=2,
@@ -407,8 +408,8 @@ def test_sample_grid_and_npz_recomputed_exactly(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if ".part" in f]
     npz2 = str(tmp_path / "ddp.npz")                                    # 2 ranks, contiguous blocks, same file
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "sample.py")] + base + ["--nfe", "1", "--num-samples", "5", "--npz", npz2],
-                       cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                        os.path.join(ROOT, "sample.py")] + base + ["--nfe", "1", "--num-samples", "5", "--npz", npz2],
+                       cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert np.array_equal(np.load(npz2)["arr_0"], arr) and not [f for f in os.listdir(tmp_path) if ".part" in f]
@@ -439,8 +440,8 @@ def test_torchrun_matches_one_process_and_resume_is_exact(tmp_path):
     teacher = teacher_folder(tmp_path)
     one, two, part = (str(tmp_path / n) for n in ("one", "two", "part"))
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             os.path.join(HERE, "train_imagenet.py")] + train_args(teacher, two, "--steps", "2"),
-                            cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                             os.path.join(ROOT, "train_imagenet.py")] + train_args(teacher, two, "--steps", "2"),
+                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     train_imagenet.main(train_args(teacher, one, "--steps", "2", "--export", str(tmp_path / "gm_export")))
     train_imagenet.main(train_args(teacher, part, "--steps", "1"))
@@ -476,7 +477,7 @@ def test_dx_student_trains_exports_reloads_and_samples(tmp_path):
     assert all(torch.equal(student.state_dict()[k], v) for k, v in ema.items())
     from_ckpt = sit.load_student(os.path.join(out, "ckpt.pt"))           # a run's ckpt.pt: the same EMA student
     assert all(torch.equal(from_ckpt.state_dict()[k], v) for k, v in student.state_dict().items())
-    import trainer                                                       # --student-init starts from it
+    from runtime import trainer                                                       # --student-init starts from it
     opts = sit.Options(teacher_ckpt=teacher, policy="dx", N=3, student_init=export)
     cfg = piflow.PiIDConfig(nfe=2, final_step_scale=0.5)
     init = sit.attach(opts, cfg, trainer.TrainConfig(), {}, torch.device("cpu")).student

@@ -25,13 +25,14 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import piflow  # noqa: E402
-import pipelines  # noqa: E402
+from models import pipelines  # noqa: E402
 import sample  # noqa: E402
-import t2i  # noqa: E402
+from models import t2i  # noqa: E402
 import train_t2i  # noqa: E402
-import trainer  # noqa: E402
+from runtime import trainer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)                                         # the repository: scripts run from it
 F32 = torch.float32
 MODELS = ("flux", "flux2", "qwen", "sd3")
 TXT = {"flux": 32, "flux2": 24, "qwen": 32, "sd3": 32}          # text embedding width of each tiny base
@@ -465,10 +466,10 @@ def test_fsdp2_torchrun_then_single_process_resume_equals_one_run(bases, tmp_pat
     cache = save_cache(make_cache("flux", 4), tmp_path / "emb.pt")
     one, two = tmp_path / "one", tmp_path / "two"
     train_t2i.main(train_args("flux", bases["flux"], cache, one, 3))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "train_t2i.py")] + train_args("flux", bases["flux"], cache, two, 2),
-                       cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+                        os.path.join(ROOT, "train_t2i.py")] + train_args("flux", bases["flux"], cache, two, 2),
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     mid = ckpt(two)
     assert "world 2" in (two / "log.txt").read_text() and mid["step"] == 2
@@ -865,7 +866,7 @@ def tiny_clip(folder):
 def test_clip_score_metric_and_training_evaluation(bases, tmp_path):
     """metrics.clip_score == max(100 mean cos(image, text) embeddings of the CLIPModel itself, 0) (torchmetrics'
     CLIPScore); train_t2i.py --eval-clip logs it at every --eval-every, on the EMA student's images."""
-    import metrics
+    from runtime import metrics
     model, proc = tiny_clip(str(tmp_path / "clip"))
     clip = metrics.load_clip(str(tmp_path / "clip"))
     images = torch.randint(0, 256, (3, 3, 32, 48), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent                 # the repository
 FILES = ["piflow.py", "piflow_kernels.py", "conftest.py"]
 CONFIG = r"""[mutmut]
 source_paths = piflow.py

@@ -20,9 +20,9 @@ import time
 
 import torch
 
-import common
+from runtime import common
 import piflow
-import toy
+from models import toy
 
 # One budget for every row: steps, batch, AdamW lr (cosine to 0), rollout substeps per unit time (4x fewer than
 # published), and the evaluation batch (samples per class). Teacher-initialised students start at the teacher's
@@ -94,7 +94,7 @@ def verdict(a, b, kind):
 def train_student(fields, out):
     """Train a toy student in this process (one lab row) with trainer.train; returns it with its EMA weights.
     fields: PiIDConfig / TrainConfig / toy.Options values."""
-    import trainer
+    from runtime import trainer
     cfg, tc, opts = (cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
                      for cls in (piflow.PiIDConfig, trainer.TrainConfig, toy.Options))
     settings = trainer.settings_of(cfg, tc, opts, teacher="toy")

@@ -18,7 +18,7 @@ import torch
 
 import piflow
 import piflow_kernels
-import sit
+from models import sit
 
 # Peak DRAM bandwidth (GB/s) of common accelerators, by substring of the device name (vendor data sheets).
 PEAK_GBPS = {"H200": 4800, "H100 PCIe": 2000, "H100 NVL": 3900, "H100": 3350, "A100-SXM4-80GB": 2039,

@@ -11,9 +11,9 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 
-import metrics
+from runtime import metrics
 import sample
-import sit
+from models import sit
 import test_sit
 import train_imagenet
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import common
+from runtime import common
 
 STATS_N = 50000        # sample count recorded with mu / sigma statistics (any n >= 2 gives the same FID)
 

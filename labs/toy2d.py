@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
+from runtime import common
 import piflow
-import toy
+from models import toy
 
 ASSET = os.path.join(toy.ASSETS, "toy2d.png")
 
@@ -150,7 +150,7 @@ def distill(teacher, out, policy="gm", K=8, N=10, noise_shape=(2,), teacher_out=
             name="teacher", **settings):
     """Distill `teacher` into a π-Flow student with trainer.train; returns the EMA student (student.piid_config
     holds its schedule, so piflow.sample(student, noise) keeps it). settings: PiIDConfig / TrainConfig fields."""
-    import trainer
+    from runtime import trainer
     s = dict(START, window_substeps=3 if policy == "dx" else 0, **settings)
     cfg = piflow.PiIDConfig(**{k: v for k, v in s.items() if k in piflow.PiIDConfig.__dataclass_fields__})
     tc = trainer.TrainConfig(**{k: v for k, v in s.items() if k in trainer.TrainConfig.__dataclass_fields__})

@@ -14,13 +14,13 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import common
+from runtime import common
 import piflow
 import sample
-import toy
-import toy2d
-import toy_bound
-import toy_lab
+from models import toy
+from labs import toy2d
+from labs import toy_bound
+from labs import toy_lab
 
 torch.set_num_threads(1)
 DATA = toy.ToyData()

@@ -25,13 +25,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
+from runtime import common
 import piflow
 
 NUM_CLASSES, PROTOS_PER_CLASS, IMG = 10, 4, (1, 8, 8)
 CLASS_WEIGHTS = (0.4, 0.3, 0.2, 0.1)   # within-class prototype weights (non-uniform, so mode coverage matters)
 NOISE_STD = 0.1                         # per-pixel std of each mixture component
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 DEFAULT_CKPT = os.path.join(ASSETS, "toy_gm_k8_nfe4.pt")
 TEACHER_CKPT = os.path.join(ASSETS, "toy_teacher.pt")
 

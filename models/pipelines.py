@@ -22,9 +22,9 @@ import os
 
 import torch
 
-import common
+from runtime import common
 import piflow
-import t2i
+from models import t2i
 
 
 def check_guidance(model, given, trained, force, flag="guidance_scale"):

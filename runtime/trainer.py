@@ -35,7 +35,7 @@ from typing import Tuple
 import torch
 import torch.distributed as dist
 
-import common
+from runtime import common
 import piflow
 
 
