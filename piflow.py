@@ -12,7 +12,7 @@ Read it top to bottom; every part depends only on the parts above it.
        data-dependent (Alg. 2) and data-free (Alg. 3) training steps, teacher CFG
     6. Few-step sampler (elastic NFE, GM temperature)
     7. EMA of the student weights (Karras power schedule)
-    8. Student output heads: a network's widened output -> policy, initialised from the teacher (App. C)
+    8. Student output heads: a network's widened output -> policy, initialised from the teacher (§3, §5)
 
 Conventions (as in the paper and the official code):
     x_sigma = (1 - sigma) * x0 + sigma * eps      sigma = 1 is pure noise, alpha = 1 - sigma
@@ -40,6 +40,14 @@ import torch.utils.checkpoint
 
 def _fail(name, given, accepted):
     raise ValueError(f"{name}={given!r} is not accepted; expected {accepted}")
+
+
+def check_fields(obj, rules):
+    """The one settings check of the project: rules [(field, ok, accepted)]; the first failing rule raises
+    ValueError("field=value is not accepted; expected ..."), which the command lines turn into `--field=...`."""
+    for name, ok, accepted in rules:
+        if not ok:
+            _fail(name, getattr(obj, name), accepted)
 
 
 class Policy(Protocol):
@@ -140,7 +148,8 @@ class DXPolicy:
     One student call predicts N u-space outputs; each becomes an x0 grid point with the *source* noise level
     (x0_i = x_src - sigma_src u_i). Grid point i sits at raw time tau_dst + i/(N-1) * seg with
     tau_dst = max(tau_src - segment_size, 0): index 0 is the low-noise end, index N-1 the source. Keep
-    segment_size and shift at their training values when sampling with another NFE (recipe §3).
+    segment_size and shift at their training values when sampling with another NFE, as the published DX policy
+    does (LakonLab, lakonlab/models/diffusions/piflow_policies/dx.py).
     """
 
     def __init__(self, grid_u, x_src, sigma_src, segment_size, shift=1.0, eps=1e-4):
@@ -177,7 +186,7 @@ class DXPolicy:
         return (1 - w) * self.x0_grid[b, i0] + w * self.x0_grid[b, i0 + 1]      # (B, C, H, W)
 
     def velocity(self, x_t, sigma_t):
-        """pi(x_t, t) = (x_t - x0_hat(t)) / t (§3.1)."""
+        """Eq. 1 with the grid's x0_hat(t) for the posterior mean: pi(x_t, t) = (x_t - x0_hat(t)) / t (§3.1)."""
         sigma_t = as_batch(sigma_t, x_t)
         return (x_t - self.x0(sigma_t)) / append_dims(sigma_t.clamp(min=self.eps), x_t)
 
@@ -284,7 +293,7 @@ class GMPolicy:
         return gm_posterior_mean(*args)
 
     def velocity(self, x_t, sigma_t):
-        """pi(x_t, t) = (x_t - E[x0 | x_t]) / t (Eq. 28)."""
+        """Eq. 1 with the policy's GM posterior: pi(x_t, t) = (x_t - E_q[x0 | x_t]) / t (Eq. 28)."""
         sigma_t = as_batch(sigma_t, x_t)
         x0 = self.posterior_mean(x_t, sigma_t)
         return (x_t.to(x0.dtype) - x0) / append_dims(sigma_t.clamp(min=self.eps), x0)
@@ -414,22 +423,20 @@ class PiIDConfig:
     rollout_backend: str = "auto"  # 'auto' | 'torch' | 'fused' for the detached rollouts
 
     def __post_init__(self):
-        checks = [("nfe", isinstance(self.nfe, int) and self.nfe >= 1, "an integer >= 1"),
-                  ("shift", self.shift > 0 and math.isfinite(self.shift), "a finite value > 0"),
-                  ("final_step_scale", 0 < self.final_step_scale <= 1, "a value in (0, 1]"),
-                  ("total_substeps", isinstance(self.total_substeps, int) and self.total_substeps >= 1,
-                   "an integer >= 1"),
-                  ("num_intermediate", isinstance(self.num_intermediate, int) and self.num_intermediate >= 1,
-                   "an integer >= 1"),
-                  ("window_substeps", isinstance(self.window_substeps, int) and self.window_substeps >= 0,
-                   "an integer >= 0"),
-                  ("gm_dropout", 0 <= self.gm_dropout < 1, "a probability in [0, 1)"),
-                  ("loss_scale", self.loss_scale > 0 and math.isfinite(self.loss_scale), "a finite value > 0"),
-                  ("decay_iters", isinstance(self.decay_iters, int) and self.decay_iters >= 0, "an integer >= 0"),
-                  ("rollout_backend", self.rollout_backend in ("auto", "torch", "fused"), "auto|torch|fused")]
-        for name, ok, accepted in checks:
-            if not ok:
-                _fail(name, getattr(self, name), accepted)
+        check_fields(self, [
+            ("nfe", isinstance(self.nfe, int) and self.nfe >= 1, "an integer >= 1"),
+            ("shift", self.shift > 0 and math.isfinite(self.shift), "a finite value > 0"),
+            ("final_step_scale", 0 < self.final_step_scale <= 1, "a value in (0, 1]"),
+            ("total_substeps", isinstance(self.total_substeps, int) and self.total_substeps >= 1,
+             "an integer >= 1"),
+            ("num_intermediate", isinstance(self.num_intermediate, int) and self.num_intermediate >= 1,
+             "an integer >= 1"),
+            ("window_substeps", isinstance(self.window_substeps, int) and self.window_substeps >= 0,
+             "an integer >= 0"),
+            ("gm_dropout", 0 <= self.gm_dropout < 1, "a probability in [0, 1)"),
+            ("loss_scale", self.loss_scale > 0 and math.isfinite(self.loss_scale), "a finite value > 0"),
+            ("decay_iters", isinstance(self.decay_iters, int) and self.decay_iters >= 0, "an integer >= 0"),
+            ("rollout_backend", self.rollout_backend in ("auto", "torch", "fused"), "auto|torch|fused")])
 
 
 def _cat_cond(a, b):
@@ -446,7 +453,8 @@ def _cat_cond(a, b):
 
 
 def guided_teacher(teacher, guidance, null_cond, interval=(0.0, 1.0)):
-    """Teacher with classifier-free guidance on an interval (Kynkäänniemi et al. 2024; recipe §4.8).
+    """Teacher with classifier-free guidance on an interval (Kynkäänniemi et al. 2024; §5.1, Table 8), as the
+    published flow does it (LakonLab, lakonlab/models/diffusions/gaussian_flow.py, forward_u).
 
     u = u_null + w (u_cond - u_null), where w = guidance if lo <= sigma <= hi (per sample, inclusive), else 1.
     """
@@ -500,53 +508,57 @@ def average_velocity(policy, x_a, tau_a, tau_end, cfg):
     return torch.where(append_dims(use_avg, avg), avg, local)
 
 
-def piid_segment_loss(policy, teacher, cond, tau_src, seg, cfg, ratio=0.0, generator=None, return_x_dst=False):
-    """π-ID on one NFE segment (Alg. 1 lines 4-8, with Eq. 5 mixing and Eq. 6 micro-window).
+def mixing_gaps(n, ratio, free, generator=None):
+    """Where a segment's n states lie (Alg. 1 line 6; Eq. 5 trajectory mixing, App. B.2): raw-time gaps (n, B).
 
-    policy: the learner pi = G_phi(x_src, t_src) (carries x_src, sigma_src); tau_src, seg: (B,) raw times.
-    n intermediate times are drawn in [tau_src - (seg - w), tau_src] (w = micro-window) and visited in order
-    by a chained rollout of the detached (dropped-out) policy pi_D; with teacher ratio r > 0, a share r of the
-    segment is instead covered by n teacher Euler steps of Dirichlet-random length (behaviour cloning at r = 1).
-    At each state the learner's (window-)average velocity is matched to the teacher's velocity.
-    Returns the per-sample loss (B,) = loss_scale * mean_n 1/2 mean_pixels |pi - G_theta|^2, and, if asked,
-    x_dst: the detached policy's rollout to the segment end (for data-free training, Alg. 3 line 14).
+    State i is reached by a detached-policy rollout of length policy_gaps[i], then a teacher Euler step of length
+    teacher_gaps[i] follows it. The policy gaps are the differences of sorted uniforms on [0, (1 - r) free]; the
+    teacher gaps split r free at sorted uniform cuts (a Dirichlet(1, ..., 1) share each). With teacher ratio
+    r = 0 this is Alg. 1's n ordered times in the free length (on-policy); r = 1 is behaviour cloning.
+    """
+    B, dev, dtype = free.shape[0], free.device, free.dtype
+    rand = lambda *shape: torch.rand(*shape, generator=generator, device=dev, dtype=dtype)
+    times = rand(n, B).sort(0).values * (1 - ratio) * free                      # (n, B) ordered rollout lengths
+    policy_gaps = torch.diff(times, dim=0, prepend=torch.zeros(1, B, device=dev))
+    cuts = torch.cat([torch.zeros(1, B, device=dev), rand(n - 1, B).sort(0).values, torch.ones(1, B, device=dev)])
+    return policy_gaps, torch.diff(cuts, dim=0) * ratio * free                 # (n, B), (n, B)
+
+
+def piid_segment_loss(policy, teacher, cond, tau_src, seg, cfg, ratio=0.0, generator=None, return_x_dst=False):
+    """π-ID on one NFE segment (Alg. 1 lines 4-8, with Eq. 5 mixing and the Eq. 6 micro-window).
+
+    policy: the learner pi = G_phi(x_src, t_src) (carries x_src, sigma_src); tau_src, seg: (B,) raw times. The n
+    states are visited in order by a chained rollout of the detached (dropped-out) policy pi_D (mixing_gaps), and at
+    each the learner's (window-)average velocity is matched to the teacher's. Returns the per-sample loss (B,) =
+    loss_scale * mean_n 1/2 mean_pixels |pi - G_theta|^2, and, if asked, x_dst: the detached policy's rollout to the
+    segment end (for data-free training, Alg. 3 line 14).
     """
     x_src = policy.x_src
-    B, dev, n = x_src.shape[0], x_src.device, cfg.num_intermediate
     tau_src, seg = as_batch(tau_src, x_src), as_batch(seg, x_src)
-    substep = seg / rollout_substeps(seg, 0, cfg.total_substeps)
-    window = torch.minimum(cfg.window_substeps * substep, seg)               # (B,) raw micro-window
-    free = seg - window                                                       # room left for the states
-    pi_D = policy.detach()
+    window = torch.minimum(cfg.window_substeps * seg / rollout_substeps(seg, 0, cfg.total_substeps), seg)  # (B,)
+    pi_D = policy.detach()                                                    # Alg. 1 line 4
     if cfg.gm_dropout > 0 and isinstance(pi_D, GMPolicy):
-        pi_D = pi_D.dropout(cfg.gm_dropout, generator)
-
-    def rand(*shape):
-        return torch.rand(*shape, generator=generator, device=dev, dtype=x_src.dtype)
-    # on-policy gaps: sorted uniforms on [0, (1 - r) free]; teacher gaps: Dirichlet(1, ..., 1) * r * free
-    student_gaps = torch.diff(rand(n, B).sort(0).values * (1 - ratio) * free, dim=0, prepend=torch.zeros(1, B, device=dev))
-    cuts = torch.cat([torch.zeros(1, B, device=dev), rand(n - 1, B).sort(0).values, torch.ones(1, B, device=dev)])
-    teacher_gaps = torch.diff(cuts, dim=0) * ratio * free                     # (n, B)
-
-    x_last, tau_last, losses = x_src, tau_src, []
-    for i in range(n):
-        tau_a = (tau_last - student_gaps[i]).clamp(min=0)
-        tau_b = (tau_a - teacher_gaps[i]).clamp(min=0)
+        pi_D = pi_D.dropout(cfg.gm_dropout, generator)                        # §5.1
+    policy_gaps, teacher_gaps = mixing_gaps(cfg.num_intermediate, ratio, seg - window, generator)
+    x, tau, losses = x_src, tau_src, []
+    for gap_pi, gap_teacher in zip(policy_gaps, teacher_gaps):
+        tau_a = (tau - gap_pi).clamp(min=0)                                   # line 6: the next time t
+        tau_b = (tau_a - gap_teacher).clamp(min=0)
         with torch.no_grad():
-            x_a = _rollout(pi_D, x_last, tau_last, tau_a, cfg.shift, cfg.total_substeps, cfg.rollout_backend)
+            x_a = _rollout(pi_D, x, tau, tau_a, cfg.shift, cfg.total_substeps, cfg.rollout_backend)   # line 7
             sigma_a = warp_time(tau_a, cfg.shift)
             u_teacher = call(teacher, x_a, sigma_a, cond).to(x_a.dtype)      # G_theta(x_t, t)
-        pred = average_velocity(policy, x_a, tau_a, (tau_b - window).clamp(min=0), cfg)
-        losses.append(0.5 * (pred - u_teacher).pow(2).flatten(1).mean(1))     # (B,)
+        pred = average_velocity(policy, x_a, tau_a, (tau_b - window).clamp(min=0), cfg)   # pi(x_t, t), Eq. 5/6
+        losses.append(0.5 * (pred - u_teacher).pow(2).flatten(1).mean(1))     # line 8, (B,)
         with torch.no_grad():                                                 # teacher Euler step (Eq. 5)
-            x_last = x_a + u_teacher * append_dims(warp_time(tau_b, cfg.shift) - sigma_a, x_a)
-        tau_last = tau_b
+            x = x_a + u_teacher * append_dims(warp_time(tau_b, cfg.shift) - sigma_a, x_a)
+        tau = tau_b
     loss = cfg.loss_scale * torch.stack(losses).mean(0)                       # (B,)
     x_dst = None
     if return_x_dst:
         with torch.no_grad():
-            x_dst = _rollout(pi_D, x_last, tau_last, (tau_src - seg).clamp(min=0), cfg.shift,
-                             cfg.total_substeps, cfg.rollout_backend)
+            x_dst = _rollout(pi_D, x, tau, (tau_src - seg).clamp(min=0), cfg.shift, cfg.total_substeps,
+                             cfg.rollout_backend)
     return loss, x_dst
 
 
@@ -629,17 +641,19 @@ def schedule_settings(student=None, cfg=None, **given):
 
 @torch.no_grad()
 def sample(student, noise, cond=None, nfe=None, shift=None, final_step_scale=None, temperature=None,
-           total_substeps=None, backend="auto", progress=False, cfg=None):
+           total_substeps=None, backend="auto", progress=False, cfg=None, return_schedule=False):
     """π-Flow sampling: NFE student calls, each followed by a dense policy rollout (§3, Fig. 2c).
 
-    Schedule settings default to the training config (`cfg` or student.piid_config, see schedule_settings).
-    Any nfe >= 1 works for a GM student (elastic inference). temperature: None (off), a value > 0, or 'auto';
-    it is applied to GM policies on every step but the last (App. B.1).
+    Schedule settings default to the training config (`cfg` or student.piid_config, see schedule_settings): this
+    is the one place where the NFE default is resolved. Any nfe >= 1 works for a GM student (elastic inference).
+    temperature: None (off), a value > 0, or 'auto'; it is applied to GM policies on every step but the last
+    (App. B.1). return_schedule=True returns (x, schedule): the settings used, with the float64 `taus` / `sigmas`
+    (nfe + 1 each) and the resolved `temperature`, e.g. for teacher_euler on the same steps.
     """
     c = schedule_settings(student, cfg, nfe=nfe, shift=shift, final_step_scale=final_step_scale,
                           total_substeps=total_substeps)
     nfe, shift = c["nfe"], c["shift"]
-    taus, _ = nfe_schedule(nfe, shift, c["final_step_scale"])
+    taus, sigmas = nfe_schedule(nfe, shift, c["final_step_scale"])
     T = resolve_temperature(temperature, nfe)
     steps = range(nfe)
     if progress:
@@ -652,6 +666,17 @@ def sample(student, noise, cond=None, nfe=None, shift=None, final_step_scale=Non
         if T is not None and i < nfe - 1 and isinstance(policy, GMPolicy):
             policy = policy.temperature(T)
         x = _rollout(policy, x, tau_src, tau_dst, shift, c["total_substeps"], backend)
+    return (x, dict(c, taus=taus, sigmas=sigmas, temperature=T)) if return_schedule else x
+
+
+@torch.no_grad()
+def teacher_euler(teacher, noise, cond, sigmas):
+    """The teacher's own few-step sampler (Fig. 2a): Euler steps of dx/dsigma = G_theta(x, sigma) through the
+    noise levels `sigmas` (1 -> 0), e.g. nfe_schedule(...)[1] or sample(..., return_schedule=True)'s."""
+    x = noise
+    for i in range(len(sigmas) - 1):
+        s = as_batch(float(sigmas[i]), x)
+        x = x + call(teacher, x, s, cond) * float(sigmas[i + 1] - sigmas[i])
     return x
 
 
@@ -680,17 +705,22 @@ def ema_update(ema, model, beta):
 
 
 #################################################################################
-#        8. Student output heads, initialised from the teacher (App. C.1)       #
+#      8. Student output heads, initialised from the teacher (§3, §5.1, §5.2)   #
 #################################################################################
-# A π-Flow student is the teacher network with its output layer widened into a policy head. The published
-# GM students name the layers proj_out_means / proj_out_logweights / proj_out_logstds on the network itself;
-# these helpers create, initialise and read them for any backbone (toy MLP, SiT/DiT, FLUX, Qwen-Image).
+# A π-Flow student is the teacher network whose output layer is expanded into a policy head (§3: "modifies the
+# output layer"; §5.1: "initialized with the teacher weights"; §5.2: "the expanded output layer"). The paper gives
+# no head initialisation; ours follows the published students (LakonLab, lakonlab/models/architecture/gmflow/
+# gmdit_v2.py, gmflux.py, gmqwen.py and dxflow/dxdit.py, dxflux.py): the teacher's output layer repeated per
+# component / grid point. The published GM students name the layers proj_out_means / proj_out_logweights /
+# proj_out_logstds on the network itself; these helpers create, initialise and read them for any backbone (toy
+# MLP, SiT/DiT, FLUX, Qwen-Image).
 # Token layouts: a "channel-last" token holds (S sub-positions, C channels), e.g. DiT's (p1, p2, c); a
 # "channel-first" token holds (C, S), e.g. the (c, ph, pw) packing of FLUX / Qwen-Image. Widening inserts the
 # K copies just outside C: (S, K, C) or (K, C, S), which is the model's own unpatchify of K*C channels.
 
 def logstd_mlp(in_dim, inner_dim=1024, num_layers=2):
-    """GM log-std head: [SiLU, Linear(in, inner)] x (num_layers - 1), then SiLU, Linear(., 1) (App. C.1).
+    """GM log-std head (the s of §3.2): [SiLU, Linear(in, inner)] x (num_layers - 1), then SiLU, Linear(., 1), as
+    the published students' proj_out_logstds (gmdit_v2.py, gmflux.py).
 
     It reads the detached conditioning embedding, so s is one scalar per sample. The last layer starts at
     weight 0, bias log 0.05 (s_u = 0.05, as the published students)."""
@@ -725,7 +755,8 @@ def gm_logstds(net, emb):
 
 def gm_policy(means, logits, logstds, x_t, sigma):
     """GMPolicy from raw head outputs: means (B, K, C, *sp) in u space, logits (B, K, 1, *sp) (log-softmax over
-    K in float32 here), logstds (B,). Network outputs may be bf16; the policy runs in float32 (recipe §2.5)."""
+    K in float32 here), logstds (B,). Network outputs may be bf16; the policy runs in float32, as the published
+    pipelines cast it (LakonLab, lakonlab/pipelines/pipeline_piqwen.py)."""
     logstds = logstds.float().reshape(-1, *([1] * (means.dim() - 1)))                # (B, 1, 1, 1, 1)
     return GMPolicy(means.float(), logits.float().log_softmax(1), logstds, x_t, sigma)
 
@@ -734,7 +765,8 @@ def gm_policy(means, logits, logstds, x_t, sigma):
 def widen_from_teacher(weight, bias, copies, C, channel_last, noise_std=0.0, generator=None):
     """The teacher's output layer (weight (S C, D), bias (S C)) repeated `copies` times in the token layout
     (S, copies, C) if channel_last else (copies, C, S), plus bias noise N(0, noise_std^2) per (copy, channel)
-    shared by the S sub-positions. GM means: copies = K, noise 0.05; DX grid: copies = N, no noise (App. C.1)."""
+    shared by the S sub-positions. GM means: copies = K, noise 0.05; DX grid: copies = N, no noise (as the
+    published students initialise them from the teacher: gmdit_v2.py, gmflux.py, dxdit.py)."""
     D = weight.shape[1]
     shape = (-1, 1, C) if channel_last else (1, C, -1)                        # where the copies go: dim 1 / 0
     W, b = weight.reshape(*shape, D), bias.reshape(shape)
@@ -748,7 +780,8 @@ def widen_from_teacher(weight, bias, copies, C, channel_last, noise_std=0.0, gen
 
 @torch.no_grad()
 def init_gm_head(net, weight, bias, K, C, channel_last, bias_noise=0.05, generator=None):
-    """Initialise net's GM head from the teacher's output layer (App. C.1, recipe §6.1): every mean starts as
+    """Initialise net's GM head from the teacher's output layer (§5.1; the published GMDiT-V2 / GM-FLUX init,
+    LakonLab lakonlab/models/architecture/gmflow/gmdit_v2.py and gmflux.py): every mean starts as
     the teacher's u prediction (+ bias noise to break the symmetry), weights uniform, s = 0.05. So at step 0
     the policy's velocity at (x_src, sigma_src) equals the teacher's, up to the bias noise."""
     W, b = widen_from_teacher(weight, bias, K, C, channel_last, bias_noise, generator)
@@ -764,7 +797,7 @@ def init_gm_head(net, weight, bias, K, C, channel_last, bias_noise=0.05, generat
 @torch.no_grad()
 def init_dx_head(linear, weight, bias, N, C, channel_last):
     """Initialise a DX head (an nn.Linear dim -> N S C) from the teacher's output layer: N identical copies, so
-    at step 0 every grid point is the teacher's x0 (App. C.1). Returns `linear`."""
+    at step 0 every grid point is the teacher's x0 (the published DX init, dxflow/dxdit.py). Returns `linear`."""
     W, b = widen_from_teacher(weight, bias, N, C, channel_last)
     linear.weight.copy_(W)
     linear.bias.copy_(b)

@@ -49,9 +49,9 @@ def main(argv=None):
     model = pre.parse_known_args(argv)[0].model
     p, module = parser_for(model)
     args = p.parse_args(argv)
-    common.check(p, args, [("nfe", args.nfe is None or args.nfe >= 1, "an integer >= 1"),
-                           ("out", args.out.lower().endswith(".png"), "a .png path"),
-                           ("threads", args.threads >= 0, "an integer >= 0")])
+    common.check(args, [("nfe", args.nfe is None or args.nfe >= 1, "an integer >= 1"),
+                        ("out", args.out.lower().endswith(".png"), "a .png path"),
+                        ("threads", args.threads >= 0, "an integer >= 0")], p)
     with common.user_errors("sample.py"):
         common.check_writable(args.out.format(nfe=args.nfe or 0), "--out")
         if args.threads:

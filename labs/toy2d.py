@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runtime import common
 import piflow
 from models import toy
+from runtime import common, trainer
 
 ASSET = os.path.join(toy.ASSETS, "toy2d.png")
 
@@ -125,18 +125,15 @@ class PolicyStudent(nn.Module):
         return piflow.DXPolicy(grid_u, x_t, sigma, self.segment_size, self.shift)
 
 
-class Distillation:
-    """trainer.py attachment for any teacher: data-free π-ID (Alg. 3) needs only noise and, optionally, conditions."""
-    sharded, autocast = False, False
+class Distillation(trainer.Attachment):
+    """The trainer attachment for any teacher: data-free π-ID (Alg. 3) needs only noise and, optionally, conditions
+    (sample_cond(n, generator) -> cond, e.g. class labels)."""
+    autocast = False
 
     def __init__(self, teacher, student, noise_shape, sample_cond=None):
-        self.teacher, self.student, self.noise_shape, self._cond = teacher, student, tuple(noise_shape), sample_cond
-
-    def trainable(self):
-        return dict(self.student.named_parameters())
-
-    def sample_cond(self, n, g):
-        return None if self._cond is None else self._cond(n, g)
+        self.teacher, self.student, self.noise_shape = teacher, student, tuple(noise_shape)
+        if sample_cond is not None:
+            self.sample_cond = sample_cond
 
 
 # Settings to start from for a small teacher of your own (the README explains each): 4 NFE, no shift (a shift
@@ -150,16 +147,13 @@ def distill(teacher, out, policy="gm", K=8, N=10, noise_shape=(2,), teacher_out=
             name="teacher", **settings):
     """Distill `teacher` into a π-Flow student with trainer.train; returns the EMA student (student.piid_config
     holds its schedule, so piflow.sample(student, noise) keeps it). settings: PiIDConfig / TrainConfig fields."""
-    from runtime import trainer
     s = dict(START, window_substeps=3 if policy == "dx" else 0, **settings)
-    cfg = piflow.PiIDConfig(**{k: v for k, v in s.items() if k in piflow.PiIDConfig.__dataclass_fields__})
-    tc = trainer.TrainConfig(**{k: v for k, v in s.items() if k in trainer.TrainConfig.__dataclass_fields__})
+    cfg, tc = common.from_settings(piflow.PiIDConfig, s), common.from_settings(trainer.TrainConfig, s)
     meta = trainer.settings_of(cfg, tc, teacher=name, policy=policy, K=K, N=N, teacher_out=teacher_out)
-    run = argparse.Namespace(out=out, resume=False, overwrite=True, export=None, log_every=0, ckpt_every=0,
-                             eval_every=0, threads=0, no_progress=True)
+    rc = trainer.RunConfig(out=out, overwrite=True, log_every=0, ckpt_every=0, eval_every=0, progress=False)
     build = lambda device, dtype: Distillation(teacher, PolicyStudent(teacher, policy, K, N, cfg, teacher_out),
                                                noise_shape, sample_cond)
-    att, ema = trainer.train(build, cfg, tc, meta, run)
+    att, ema = trainer.train(build, cfg, tc, meta, rc)
     trainer.load_into(att.trainable(), ema)
     return att.student.eval()
 
@@ -167,10 +161,9 @@ def distill(teacher, out, policy="gm", K=8, N=10, noise_shape=(2,), teacher_out=
 @torch.no_grad()
 def alignment(student, teacher, noise, cond=None, nfe=None, temperature=None):
     """{student, teacher_euler}: MSE to the teacher's ODE endpoint (RK4, 64 steps = 256 calls) from `noise`."""
-    nfe = nfe or student.piid_config.nfe
     ref = toy.teacher_rk4(teacher, noise, cond)
-    x = piflow.sample(student, noise, cond, nfe, temperature=temperature)
-    x_e = toy.teacher_euler(teacher, noise, cond, nfe, student.piid_config.shift, student.piid_config.final_step_scale)
+    x, schedule = piflow.sample(student, noise, cond, nfe, temperature=temperature, return_schedule=True)
+    x_e = piflow.teacher_euler(teacher, noise, cond, schedule["sigmas"])
     return {"student": toy.teacher_alignment(x, ref), "teacher_euler": toy.teacher_alignment(x_e, ref)}
 
 
@@ -253,7 +246,8 @@ def lab2d(out_png=ASSET, run_dir="runs/toy2d", steps=500, n_points=2000, log=pri
         log(table[-1])
         return (f"{name}, NFE {nfe}", f"align {m[0]:.4f} | hit {m[1]:.3f}", x,
                 [(p, calls) for p in path.transpose(0, 1)])
-    rows.append([panel("teacher Euler", n, toy.teacher_euler(teacher, noise, None, n), *euler_path(teacher, starts, n))
+    rows.append([panel("teacher Euler", n, piflow.teacher_euler(teacher, noise, None, piflow.nfe_schedule(n)[1]),
+                       *euler_path(teacher, starts, n))
                  for n in (1, 2, 4, 8)])
     rows[0].append(("teacher ODE (RK4, 256 calls)", f"align 0 | hit {hit_rate(ref):.3f}", ref, []))
     data = checkerboard(n_points, torch.Generator().manual_seed(1))
@@ -323,9 +317,9 @@ def main(argv=None):
     dis.add_argument("--out", default="runs/distill", help="run folder; ckpt.pt holds the student "
                      "(default: %(default)s)")
     args = p.parse_args(argv)
-    common.check(p, args, [("steps", args.steps >= 1, "an integer >= 1")] +
+    common.check(args, [("steps", args.steps >= 1, "an integer >= 1")] +
                  ([("nfe", args.nfe >= 1, "an integer >= 1"), ("lr", args.lr > 0, "a value > 0")]
-                  if args.cmd == "distill" else []))
+                  if args.cmd == "distill" else []), p)
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     with common.user_errors(f"toy2d.py {args.cmd}"):

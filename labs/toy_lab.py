@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from runtime import common
 import piflow
 from models import toy
+from runtime import common, trainer
 
 # One budget for every row: steps, batch, AdamW lr (cosine to 0), rollout substeps per unit time (4x fewer than
 # published), and the evaluation batch (samples per class). Teacher-initialised students start at the teacher's
@@ -94,14 +94,12 @@ def verdict(a, b, kind):
 def train_student(fields, out):
     """Train a toy student in this process (one lab row) with trainer.train; returns it with its EMA weights.
     fields: PiIDConfig / TrainConfig / toy.Options values."""
-    from runtime import trainer
-    cfg, tc, opts = (cls(**{k: v for k, v in fields.items() if k in cls.__dataclass_fields__})
-                     for cls in (piflow.PiIDConfig, trainer.TrainConfig, toy.Options))
+    cfg, tc, opts = (common.from_settings(cls, fields) for cls in (piflow.PiIDConfig, trainer.TrainConfig, toy.Options))
     settings = trainer.settings_of(cfg, tc, opts, teacher="toy")
-    run = argparse.Namespace(out=out, resume=False, overwrite=True, export=None, log_every=0, ckpt_every=0,
-                             eval_every=0, threads=1, no_progress=True)
+    rc = trainer.RunConfig(out=out, overwrite=True, log_every=0, ckpt_every=0, eval_every=0, threads=1,
+                           progress=False)
     att, ema = trainer.train(lambda device, dtype: toy.ToyAttachment(opts, cfg, tc, settings, device), cfg, tc,
-                             settings, run)
+                             settings, rc)
     trainer.load_into(att.trainable(), ema)
     return att.student.eval()
 
@@ -146,10 +144,10 @@ def summary(vals):
 def run_lab(parser, args):
     """Train every (row, NFE, seed) (--jobs at a time, one CPU thread each); write table.md / .json / .png."""
     from tqdm import tqdm
-    common.check(parser, args, [("steps", args.steps is None or args.steps >= 1, "an integer >= 1"),
-                                ("seeds", args.seeds is None or args.seeds >= 1, "an integer >= 1"),
-                                ("per_class", args.per_class is None or args.per_class >= 1, "an integer >= 1"),
-                                ("jobs", args.jobs >= 1, "an integer >= 1")])
+    common.check(args, [("steps", args.steps is None or args.steps >= 1, "an integer >= 1"),
+                        ("seeds", args.seeds is None or args.seeds >= 1, "an integer >= 1"),
+                        ("per_class", args.per_class is None or args.per_class >= 1, "an integer >= 1"),
+                        ("jobs", args.jobs >= 1, "an integer >= 1")], parser)
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     budget = dict(QUICK if args.quick else LAB)
@@ -165,7 +163,7 @@ def run_lab(parser, args):
     seeds = list(range(budget["seeds"]))
     results = {}                                                       # (label, nfe) -> {seed: metrics}
     for nfe in ((1, 4) if args.quick else (1, 2, 4)):                  # the teacher's own Euler sampler
-        m = ev.metrics(toy.teacher_euler(teacher, ev.noise, ev.cond, nfe))
+        m = ev.metrics(piflow.teacher_euler(teacher, ev.noise, ev.cond, piflow.nfe_schedule(nfe)[1]))
         results[(EULER, nfe)] = {s: m for s in seeds}
     group_of = {EULER: "8 baselines", TEMP: "7 temperature"}
     jobs = []

@@ -24,7 +24,7 @@ import torch
 
 from runtime import common
 import piflow
-from models import t2i
+from models import t2i, t2i_data
 
 
 def check_guidance(model, given, trained, force, flag="guidance_scale"):
@@ -105,11 +105,11 @@ class PiFlowPipeline:
         for name, v in (("height", height), ("width", width)):
             if v < 16 or v % 16:
                 raise common.UserError(f"{name}={v} is not accepted; expected a positive multiple of 16")
-        shape = (B, fam.channels, height // t2i.VAE_SCALE, width // t2i.VAE_SCALE)
+        shape = (B, fam.channels, height // t2i_data.VAE_SCALE, width // t2i_data.VAE_SCALE)
         noise = latents if latents is not None else randn_tensor(shape, generator=generator, device=device,
                                                                  dtype=torch.float32)
         x = piflow.sample(student, noise.to(device, torch.float32), cond, num_inference_steps, temperature=temperature)
-        images = pipe.image_processor.postprocess(t2i.decode(fam, pipe.vae, x), output_type=output_type)
+        images = pipe.image_processor.postprocess(t2i_data.decode(fam, pipe.vae, x), output_type=output_type)
         pipe.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images)
 
@@ -128,7 +128,7 @@ def piflow_pipeline(model, base=None, adapter=None, torch_dtype=None, text_encod
         raise common.UserError(f"{flags[1]}: {model} has no released adapter; give one (e.g. runs/{model}/adapter, "
                                "written by train_t2i.py)")
     read = t2i.read_adapter(adapter, model, flags[1])                         # before the base loads
-    pipe = t2i.load_pipeline(fam, base or fam.repo, torch_dtype, text_encoders, flags[0], **kwargs)
+    pipe = t2i_data.load_pipeline(fam, base or fam.repo, torch_dtype, text_encoders, flags[0], **kwargs)
     tr = pipe.transformer
     student = t2i.student_from_adapter(model, tr, adapter, flags[1], tr.dtype, adapter=read, teacher=False)[0]
     for m in student.heads():
@@ -185,7 +185,7 @@ def sample_grid(args):
     if args.adapter is None:
         raise common.UserError(f"--adapter: --model {args.model} has no released adapter; give one (e.g. "
                                f"runs/{args.model}/adapter, written by train_t2i.py)")
-    prompts = list(args.prompt or []) + (t2i.read_prompts(args.prompts) if args.prompts else [])
+    prompts = list(args.prompt or []) + (t2i_data.read_prompts(args.prompts) if args.prompts else [])
     if not prompts and not (args.embed_cache and os.path.isfile(args.embed_cache)):
         raise common.UserError("give --prompt (repeatable), --prompts (a text file) or an existing --embed-cache")
     refs = []
@@ -206,7 +206,7 @@ def sample_grid(args):
         (torch.bfloat16 if device.type == "cuda" else torch.float32)
     cache = None
     if args.embed_cache and os.path.isfile(args.embed_cache):
-        cache = t2i.check_cache(common.load_tensors(args.embed_cache, "--embed-cache"), args.embed_cache,
+        cache = t2i_data.check_cache(common.load_tensors(args.embed_cache, "--embed-cache"), args.embed_cache,
                                 "--embed-cache", fam, args.model, prompts or None,
                                 fam.max_text_len if prompts else None)
     pipe = piflow_pipeline(args.model, args.base, args.adapter, dtype, cache is None, ("--base", "--adapter"))
@@ -215,7 +215,7 @@ def sample_grid(args):
     else:
         pipe.to(device)
     if cache is None:
-        cache = dict(t2i.encode_prompts(fam, None, prompts, pipe._execution_device, dtype, fam.max_text_len,
+        cache = dict(t2i_data.encode_prompts(fam, None, prompts, pipe._execution_device, dtype, fam.max_text_len,
                                         pipe=pipe.pipe), prompts=prompts, model=args.model,
                      max_text_len=fam.max_text_len)
         if args.embed_cache:

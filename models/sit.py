@@ -24,9 +24,8 @@ import torch.nn as nn
 from diffusers import DiTTransformer2DModel
 from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings
 
-from runtime import common
-from runtime import metrics
 import piflow
+from runtime import common, metrics, trainer
 
 VAE_ID, HUB, WEIGHTS = "stabilityai/sd-vae-ft-ema", "Lakonik/pi-Flow-ImageNet", "diffusion_pytorch_model.safetensors"
 # Released ids (recipe §9, integration §5.2 + addendum): hub path and the facts their files do not carry.
@@ -286,7 +285,7 @@ def build(config, sd, what):
         net = cls(**{k: v for k, v in config.items() if k in DIT_KEYS | (GM_KEYS if cls is GMDiT else set())})
         net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     except (RuntimeError, TypeError, ValueError) as e:
-        raise common.UserError(f"{what}: the weights do not fit the config: {str(e).splitlines()[0][:300]}") from None
+        raise common.UserError(f"{what}: the weights do not fit the config: {common.first_line(e, 300)}") from None
     common.check_finite(dict(net.named_parameters()), what)
     return net
 
@@ -322,7 +321,7 @@ def load_student(spec, what="--ckpt", trust=False, t_scale=0.0):
     config, sd, facts = read(spec, what, trust)
     meta, run, known = (config or {}).get("piflow", {}), facts["run"], KNOWN.get(facts["known"], {})
     if run is not None:                                                   # ckpt.pt: rebuild from the run
-        opts = Options(**{k: v for k, v in run.items() if k in Options.__dataclass_fields__})
+        opts = common.from_settings(Options, run)
         if opts.teacher_ckpt in KNOWN:                                    # no download: its facts + our shapes
             config = infer_config(sd, opts.num_heads or KNOWN[opts.teacher_ckpt]["heads"], what, sample_size=32,
                                   norm_eps=1e-5)
@@ -336,9 +335,9 @@ def load_student(spec, what="--ckpt", trust=False, t_scale=0.0):
         meta = dict(policy=opts.policy, piid_config=run, vae=opts.vae, t_scale=opts.t_scale or ts)
     if "num_gaussians" not in config and meta.get("policy") != "dx":
         raise common.UserError(f"{what}={spec!r} is not a pi-Flow student (no GM heads, not a DX export)")
-    net, fields = build(config, sd, what), piflow.PiIDConfig.__dataclass_fields__
+    net = build(config, sd, what)
     if meta.get("piid_config"):
-        cfg = piflow.PiIDConfig(**{k: v for k, v in meta["piid_config"].items() if k in fields})
+        cfg = common.from_settings(piflow.PiIDConfig, meta["piid_config"])
     else:
         if "nfe" not in known:
             print(f"{what}: no training schedule stored; assuming 1 NFE, shift 1, final step 1")
@@ -378,7 +377,7 @@ def load_vae(spec=VAE_ID, device="cpu"):
     try:
         return AutoencoderKL.from_pretrained(resolve(spec, "--vae")).to(device).eval().requires_grad_(False)
     except (OSError, ValueError) as e:
-        raise common.UserError(f"--vae={spec!r} is not an AutoencoderKL folder ({str(e).splitlines()[0]})") from None
+        raise common.UserError(f"--vae={spec!r} is not an AutoencoderKL folder ({common.first_line(e)})") from None
 
 
 def center_crop(img, res):
@@ -476,21 +475,18 @@ class Options:
     eval_samples: int = 1000            # samples of that FID (a proxy at this n, not FID-50k)
 
     def __post_init__(self):
-        for name, ok, accepted in [("policy", self.policy in ("gm", "dx"), "gm or dx"), ("K", self.K >= 1, ">= 1"),
+        piflow.check_fields(self, [("policy", self.policy in ("gm", "dx"), "gm or dx"), ("K", self.K >= 1, ">= 1"),
                                    ("N", self.N >= 1, ">= 1"), ("num_heads", self.num_heads >= 0, ">= 0"),
                                    ("t_scale", self.t_scale >= 0, ">= 0"), ("teacher_convention",
-                                   self.teacher_convention in ("auto", "u", "sit"), "auto, u or sit")]:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; expected {accepted}")
+                                   self.teacher_convention in ("auto", "u", "sit"), "auto, u or sit")])
 
 
 FLAG_ALIASES = {"K": ["--num-gaussians"], "N": ["--dx-grid"]}
 
 
-class SiTAttachment:
-    """trainer.py attachment: the frozen SiT/DiT teacher with interval CFG (null class = num_classes) and a GM or
+class SiTAttachment(trainer.Attachment):
+    """The trainer attachment: the frozen SiT/DiT teacher with interval CFG (null class = num_classes) and a GM or
     DX student initialised from it; data from a latent folder (Alg. 2) or labels alone (Alg. 3)."""
-    sharded = False
 
     def __init__(self, opts, cfg, tc, settings, device, dtype):
         if tc.data_dependent and not opts.latents:
@@ -518,15 +514,8 @@ class SiTAttachment:
         self.teacher = piflow.guided_teacher(as_teacher(self.net, conv), tc.guidance, null, tuple(tc.guidance_interval))
         self._ref, self.fid = None, None
         if opts.eval_ref:                                                 # rank 0 evaluates: no collective
-            from runtime import metrics
             self.fid = metrics.ImageMetrics(opts.eval_ref, "--eval-ref", device, sync=False), load_vae(opts.vae,
                                                                                                       device)
-
-    def trainable(self):
-        return dict(self.student.named_parameters())
-
-    def sample_cond(self, n, g):
-        return torch.randint(self.num_classes, (n,), generator=g, device=g.device)
 
     def sample_data(self, n, g):
         cpu = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,), generator=g, device=g.device)))
@@ -537,13 +526,13 @@ class SiTAttachment:
     def evaluate(self, student, n=8, teacher_steps=32):
         """Teacher alignment: latent MSE between the student's samples and the guided teacher's 32-step Euler ODE
         from the same noise (n fixed samples and labels; the teacher's endpoints are computed once)."""
-        from models import toy
         with torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32):
             if self._ref is None:
                 noise = torch.randn((n,) + self.noise_shape, generator=torch.Generator().manual_seed(1234))
                 y = torch.arange(n, device=self.device) * (self.num_classes // n)
                 noise = noise.to(self.device)
-                self._ref = noise, y, toy.teacher_euler(self.teacher, noise, y, teacher_steps)
+                sigmas = piflow.nfe_schedule(teacher_steps)[1]
+                self._ref = noise, y, piflow.teacher_euler(self.teacher, noise, y, sigmas)
             noise, y, x_teacher = self._ref
             x = piflow.sample(student, noise, y)
         out = {"align": float((x.float() - x_teacher.float()).pow(2).mean())}
@@ -625,12 +614,10 @@ def sample_grid(args):
     """sample.py --model imagenet: one grid row per --class-labels entry, or the --npz and / or --eval FID (labels
     i mod num_classes; under torchrun rank r samples the r-th contiguous block, rank 0 writes the file). Any batch or
     world size gives the same images (see generate)."""
-    for name, ok, accepted in [("per_class", args.per_class >= 1, ">= 1"), ("num_samples", args.num_samples >= 1,
-                               ">= 1"), ("batch_size", args.batch_size >= 1, ">= 1"), ("total_substeps",
-                               (args.total_substeps or 1) >= 1, ">= 1"), ("t_scale", args.t_scale >= 0, ">= 0"),
-                               ("npz", (args.npz or ".npz").endswith(".npz"), "a path ending in .npz")]:
-        if not ok:
-            raise common.UserError(f"{common.flag(name)}={getattr(args, name)!r} is not accepted; expected {accepted}")
+    common.check(args, [("per_class", args.per_class >= 1, ">= 1"), ("num_samples", args.num_samples >= 1, ">= 1"),
+                        ("batch_size", args.batch_size >= 1, ">= 1"), ("total_substeps",
+                        (args.total_substeps or 1) >= 1, ">= 1"), ("t_scale", args.t_scale >= 0, ">= 0"),
+                        ("npz", (args.npz or ".npz").endswith(".npz"), "a path ending in .npz")])
     if args.npz:
         common.check_writable(args.npz, "--npz")
     world, rank, dist = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)), None
@@ -644,7 +631,7 @@ def sample_grid(args):
     try:
         metric = metrics.ImageMetrics(args.eval, "--eval", device) if args.eval else None
         student = load_student(args.ckpt, "--ckpt", args.trust_checkpoint, args.t_scale).to(device)
-        ncls, nfe = student.config.num_embeds_ada_norm, args.nfe or student.piid_config.nfe
+        ncls, nfe = student.config.num_embeds_ada_norm, piflow.schedule_settings(student, nfe=args.nfe)["nfe"]
         if not (args.npz or args.eval) and not all(0 <= c < ncls for c in args.class_labels):
             raise common.UserError(f"--class-labels={args.class_labels} is not accepted; expected ids in [0, {ncls})")
         vae = load_vae(args.vae or student.vae or VAE_ID, device)

@@ -25,22 +25,21 @@ Caches (prompt embeddings, data latents) are plain tensor files read with torch.
 import contextlib
 import copy
 import dataclasses
-import inspect
 import json
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from runtime import common
 import piflow
+from models import t2i_data
+from runtime import common, metrics, trainer
 
-WEIGHTS, VAE_SCALE, LORA = "diffusion_pytorch_model.safetensors", 8, "piflow"   # LORA: the student's adapter name
+WEIGHTS, LORA = "diffusion_pytorch_model.safetensors", "piflow"   # LORA: the student's adapter name
 
 
 #################################################################################
@@ -176,20 +175,30 @@ class Family:
 
 
 FAMILIES = {
-    "flux": Family("black-forest-labs/FLUX.1-dev", "FluxPipeline", "FluxTransformer2DModel", "AutoencoderKL",
-                   "GMFluxTransformer2DModel", "DXFluxTransformer2DModel", "gmflux_k8_piid_4step", "distilled", 3.5,
-                   ("pooled",), 16, 2, False, 4, 512, False, _flux_call, _flux_lora, _flux_encode, _shift_scale),
-    "flux2": Family("black-forest-labs/FLUX.2-dev", "Flux2Pipeline", "Flux2Transformer2DModel", "AutoencoderKLFlux2",
-                    "GMFlux2Transformer2DModel", "DXFlux2Transformer2DModel", "gmflux2_k8_piid_4step", "distilled",
-                    4.0, (), 32, 2, False, 1, 512, False, _flux2_call, _flux2_lora, _flux2_encode, _flux2_bn),
-    "qwen": Family("Qwen/Qwen-Image", "QwenImagePipeline", "QwenImageTransformer2DModel", "AutoencoderKLQwenImage",
-                   "GMQwenImageTransformer2DModel", "DXQwenImageTransformer2DModel", "gmqwen_k8_piid_4step", "cfg",
-                   None, ("mask",), 16, 2, False, 4, 512, True, _qwen_call, _qwen_lora, _qwen_encode, _mean_std),
-    "sd3": Family("stabilityai/stable-diffusion-3.5-large", "StableDiffusion3Pipeline", "SD3Transformer2DModel",
-                  "AutoencoderKL", "GMSD3Transformer2DModel", "DXSD3Transformer2DModel", None, "cfg", None,
-                  ("pooled",), 16, 2, True, 4, 256, False, _sd3_call, _sd3_lora, _sd3_encode, _shift_scale),
+    "flux": Family(repo="black-forest-labs/FLUX.1-dev", pipeline="FluxPipeline",
+                   transformer="FluxTransformer2DModel", vae="AutoencoderKL", gm_class="GMFluxTransformer2DModel",
+                   dx_class="DXFluxTransformer2DModel", adapter="gmflux_k8_piid_4step", guidance="distilled",
+                   guidance_scale=3.5, cond_keys=("pooled",), channels=16, patch=2, channel_last=False, logweights=4,
+                   max_text_len=512, video_vae=False, call=_flux_call, lora=_flux_lora, encode=_flux_encode,
+                   normalise=_shift_scale),
+    "flux2": Family(repo="black-forest-labs/FLUX.2-dev", pipeline="Flux2Pipeline",
+                    transformer="Flux2Transformer2DModel", vae="AutoencoderKLFlux2",
+                    gm_class="GMFlux2Transformer2DModel", dx_class="DXFlux2Transformer2DModel",
+                    adapter="gmflux2_k8_piid_4step", guidance="distilled", guidance_scale=4.0, cond_keys=(),
+                    channels=32, patch=2, channel_last=False, logweights=1, max_text_len=512, video_vae=False,
+                    call=_flux2_call, lora=_flux2_lora, encode=_flux2_encode, normalise=_flux2_bn),
+    "qwen": Family(repo="Qwen/Qwen-Image", pipeline="QwenImagePipeline", transformer="QwenImageTransformer2DModel",
+                   vae="AutoencoderKLQwenImage", gm_class="GMQwenImageTransformer2DModel",
+                   dx_class="DXQwenImageTransformer2DModel", adapter="gmqwen_k8_piid_4step", guidance="cfg",
+                   guidance_scale=None, cond_keys=("mask",), channels=16, patch=2, channel_last=False, logweights=4,
+                   max_text_len=512, video_vae=True, call=_qwen_call, lora=_qwen_lora, encode=_qwen_encode,
+                   normalise=_mean_std),
+    "sd3": Family(repo="stabilityai/stable-diffusion-3.5-large", pipeline="StableDiffusion3Pipeline",
+                  transformer="SD3Transformer2DModel", vae="AutoencoderKL", gm_class="GMSD3Transformer2DModel",
+                  dx_class="DXSD3Transformer2DModel", adapter=None, guidance="cfg", guidance_scale=None,
+                  cond_keys=("pooled",), channels=16, patch=2, channel_last=True, logweights=4, max_text_len=256,
+                  video_vae=False, call=_sd3_call, lora=_sd3_lora, encode=_sd3_encode, normalise=_shift_scale),
 }
-NEGATIVE_PROMPT = ""       # CFG teachers' negative: the empty prompt (recipe §4.8)
 PUBLISHED = dict(shift=3.2, final_step_scale=0.5)   # schedule of every released adapter (recipe §8)
 # Released adapters (recipe §9, integration.md Addendum): id (= hub subfolder) -> (hub repo, model, training NFE)
 KNOWN = {"gmflux_k8_piid_4step": ("Lakonik/pi-FLUX.1", "flux", 4),
@@ -353,43 +362,6 @@ class T2IStudent(nn.Module):
 #                     Files: base models, adapters, caches                      #
 #################################################################################
 
-def _first_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-
-def _load(what, base, thing, load):
-    """load() with one line for a missing / offline / unreadable base (diffusers' own error log line, which
-    would precede it, is held back while loading)."""
-    from diffusers.utils import logging
-    level = logging.get_verbosity()
-    logging.set_verbosity(logging.CRITICAL)
-    try:
-        return load()
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise common.UserError(f"{what}={base!r}: cannot load {thing} ({_first_line(e)}); give a local diffusers "
-                               "folder or a reachable hub id") from None
-    finally:
-        logging.set_verbosity(level)
-
-
-def load_pretrained(cls_name, base, subfolder, dtype, **kw):
-    """A diffusers model (safetensors only) with a one-line error for a missing / offline / unreadable base."""
-    import diffusers
-    return _load("--base", base, f"{cls_name} from {subfolder}", lambda: getattr(diffusers, cls_name).from_pretrained(
-        base, subfolder=subfolder, dtype=dtype, use_safetensors=True, **kw))
-
-
-def load_pipeline(fam, base, dtype, text=True, what="--base", **kw):
-    """The base's diffusers pipeline (safetensors only); text=False leaves out the text encoders and tokenizers,
-    kw passes through (transformer=None, a pre-loaded or quantised transformer, quantization_config, ...)."""
-    import diffusers
-    cls = getattr(diffusers, fam.pipeline)
-    if not text:
-        kw.update({k: None for k in inspect.signature(cls.__init__).parameters
-                   if k.startswith(("text_encoder", "tokenizer"))})
-    return _load(what, base, fam.pipeline, lambda: cls.from_pretrained(base, dtype=dtype, use_safetensors=True, **kw))
-
-
 def adapter_file(spec, filename, flag):
     """A file of an adapter: a local folder, a KNOWN id, or 'owner/repo:subfolder' (common.hub_file: the cache
     first; offline or missing gives one line naming the id)."""
@@ -447,7 +419,7 @@ def _safetensors(spec, flag, tensors=True):
                 if tensors else None
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign file
         raise common.UserError(f"{flag}={spec!r}: {WEIGHTS} is not a readable safetensors file "
-                               f"({_first_line(e)})") from None
+                               f"({common.first_line(e)})") from None
     return meta, sd
 
 
@@ -481,7 +453,7 @@ def student_from_adapter(model, tr, spec, flag, dtype, dropout=0.0, adapter=None
             student.add_lora(sorted(k.rsplit(".lora_A.", 1)[0] for k in sd if ".lora_A." in k), rank, dropout)
         except ValueError as e:
             raise common.UserError(f"{flag}={spec!r}: its LoRA does not fit the base model "
-                                   f"({_first_line(e)})") from None
+                                   f"({common.first_line(e)})") from None
     own = student.trainable()
     bad = sorted(set(own) ^ set(sd)) or [k for k in sd if sd[k].shape != own[k].shape]
     if bad:
@@ -531,129 +503,153 @@ def write_adapter(folder, student, tensors, cfg, guidance=None):
         json.dump(adapter_config(student), f, indent=2)
 
 
-def read_prompts(path, flag="--prompts"):
-    try:
-        with open(path) as f:
-            prompts = [line.strip() for line in f if line.strip()]
-    except OSError as e:
-        raise common.UserError(f"{flag}={path!r}: cannot read it ({e.strerror})") from None
-    if not prompts:
-        raise common.UserError(f"{flag}={path!r} holds no prompts; expected one per line")
-    return prompts
-
-
-@torch.no_grad()
-def encode_prompts(fam, base, prompts, device, dtype, max_len, negative=False, batch=8, pipe=None):
-    """Text embeddings with the base pipeline's own encode_prompt (`pipe`, else a pipeline of the text encoders
-    alone, freed afterwards); negative=True adds negative_<key> of the empty prompt (CFG teachers)."""
-    from tqdm import tqdm
-    pipe = pipe or load_pipeline(fam, base, dtype, transformer=None, vae=None).to(device)
-    parts = [{k: v.cpu() for k, v in fam.encode(pipe, prompts[i:i + batch], device, max_len).items()}
-             for i in tqdm(range(0, len(prompts), batch), desc="encoding prompts", disable=len(prompts) <= batch)]
-    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    if negative:
-        out.update({f"negative_{k}": v.cpu() for k, v in fam.encode(pipe, [NEGATIVE_PROMPT], device, max_len).items()})
-    return out
-
-
-def check_cache(c, path, flag, fam, model, prompts=None, max_len=None, extra=()):
-    """Refuse a cache of other prompts / another model, or one that lacks what this run needs."""
-    need = ["prompts", "prompt_embeds", *fam.cond_keys, *extra]
-    if not isinstance(c, dict) or any(k not in c for k in need) or c.get("model") != model:
-        raise common.UserError(f"{flag}={path!r} is not a {model} cache holding {', '.join(need)}; rebuild it (delete "
-                               "it, or pick another path)")
-    if prompts is not None and (c.get("prompts") != prompts or c.get("max_text_len") != max_len):
-        raise common.UserError(f"{flag}={path!r} holds embeddings of other prompts (or --max-text-len); delete it or "
-                               "pick another path")
-    return c
-
-
-def make_cond(fam, cache, idx, device, guidance=None, prefix=""):
-    """The cond dict of cached prompts idx (CPU LongTensor); prefix='negative_': the cached negative."""
-    cond = {k: cache[prefix + k][idx].to(device) for k in ("prompt_embeds",) + fam.cond_keys}
-    cond = {k: v.float() if v.is_floating_point() else v for k, v in cond.items()}
-    if fam.guidance == "distilled":
-        cond["guidance"] = torch.full((len(idx),), float(guidance), device=device)
-    return cond
-
-
-def decode(fam, vae, x):
-    """Normalised latents (B, C, h, w) -> images (B, 3, 8h, 8w) in [-1, 1] (as the base pipeline decodes)."""
-    z = fam.normalise(vae, x.float(), inverse=True).to(vae.dtype)
-    if fam.video_vae:
-        return vae.decode(z[:, :, None]).sample[:, :, 0].float()
-    return vae.decode(z).sample.float()
-
-
-def encode_images(fam, vae, x):
-    """Images (B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/8, W/8) (the VAE's mode, recipe §9)."""
-    x = x.to(vae.dtype)
-    z = vae.encode(x[:, :, None] if fam.video_vae else x).latent_dist.mode()
-    return fam.normalise(vae, (z[:, :, 0] if fam.video_vae else z).float())
-
-
 #################################################################################
-#                  The training set: prompt embeddings and latents               #
+#                 The trainer attachment (train_t2i.py --model M)               #
 #################################################################################
 
-def training_cache(opts, fam, base, tc, device, dtype):
-    """Embeddings (and for --data the latents) of the training set: built once on rank 0, then read everywhere."""
-    path = opts.embed_cache or (opts.prompts and f"{opts.prompts}.{opts.model}.pt") or \
-        (opts.data and f"{opts.data.rstrip(os.sep)}.{opts.model}-{opts.resolution}px.pt")
-    max_len = opts.max_text_len or fam.max_text_len
-    if not path:
-        raise common.UserError("give --prompts (a text file, one prompt per line), --data (images + captions) or "
-                               "--embed-cache (a cache made earlier)")
-    if opts.prompts and opts.data:
-        raise common.UserError("give --prompts or --data, not both")
-    for flag, v in (("--prompts", opts.prompts), ("--data", opts.data)):
-        if v and not os.path.exists(v):
-            raise common.UserError(f"{flag}={v!r}: no such file or folder")
-    files = None
-    if opts.data:
-        files = sorted(f for f in os.listdir(opts.data) if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp")))
-        if not files:
-            raise common.UserError(f"--data={opts.data!r} holds no .png / .jpg / .webp images")
-    caption = lambda f: os.path.join(opts.data, os.path.splitext(f)[0] + ".txt")
-    prompts = read_prompts(opts.prompts) if opts.prompts else [open(caption(f)).read().strip() if os.path.isfile(
-        caption(f)) else "" for f in files] if files else None
-    if not os.path.isfile(path):
-        if prompts is None:
-            raise common.UserError(f"--embed-cache={path!r}: no such file; give --prompts or --data to build it")
-        common.check_writable(path, "--embed-cache")
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            c = encode_prompts(fam, base, prompts, device, dtype, max_len, fam.guidance == "cfg")
-            if files:
-                c["latents"] = data_latents(fam, base, opts.data, files, opts.resolution, device, dtype)
-            c.update(prompts=prompts, model=opts.model, max_text_len=max_len)
-            common.save_torch(c, path)
-        if dist.is_initialized():
-            dist.barrier()
-    c = common.load_tensors(path, "--embed-cache")
-    if tc.data_dependent and isinstance(c, dict) and "latents" not in c:
-        raise common.UserError(f"--data-dependent needs image latents: give --data (images + captions); "
-                               f"--embed-cache={path!r} holds prompts only")
-    negative = tuple(f"negative_{k}" for k in ("prompt_embeds",) + fam.cond_keys)
-    extra = (("latents",) if tc.data_dependent else ()) + (negative if fam.guidance == "cfg" and tc.guidance != 1
-                                                           else ())
-    c = check_cache(c, path, "--embed-cache", fam, opts.model, prompts, max_len, extra)
-    h = opts.resolution // VAE_SCALE
-    if tc.data_dependent and tuple(c["latents"].shape[1:]) != (fam.channels, h, h):
-        raise common.UserError(f"--embed-cache={path!r} holds latents of shape {tuple(c['latents'].shape[1:])}; "
-                               f"--resolution={opts.resolution} needs {(fam.channels, h, h)}")
-    return c
+@dataclass(frozen=True)
+class Options:
+    model: str = "flux"                # base model: flux | flux2 | qwen | sd3 (set by --model)
+    base: Optional[str] = None         # diffusers folder or hub id of the base; None = the row's official repo
+    policy: str = "gm"                 # student policy head: gm (GMFlow) | dx (DX grid)
+    K: int = 8                         # Gaussians per pixel (GM)
+    N: int = 10                        # grid points (DX)
+    lora_rank: int = 256               # LoRA rank r (alpha = r); an --init-adapter must have this rank
+    lora_dropout: float = 0.05         # LoRA dropout
+    init_adapter: Optional[str] = None  # start from this adapter (folder, released id or owner/repo:subfolder)
+    prompts: Optional[str] = None      # text file, one prompt per line (data-free pi-ID)
+    data: Optional[str] = None         # folder of images + same-name .txt captions (latents for --data-dependent)
+    embed_cache: Optional[str] = None  # embeddings (+ latents) cache file; None = <prompts>.<model>.pt next to them
+    max_text_len: Optional[int] = None  # text tokens; None = the base pipeline's (512; SD3: 256)
+    resolution: int = 1024             # training image size (a multiple of 16)
+    grad_checkpointing: bool = True    # gradient checkpointing of the transformer blocks (recipe §4.9)
+    eval_clip: Optional[str] = None    # CLIP model (hub id or folder) for a CLIP score at every --eval-every
+    eval_prompts: int = 8              # prompts (the first cached ones) of that CLIP score
+
+    def __post_init__(self):
+        piflow.check_fields(self, [
+                ("model", self.model in FAMILIES, " | ".join(FAMILIES)),
+                ("policy", self.policy in ("gm", "dx"), "gm | dx"),
+                ("K", self.K >= 1, "an integer >= 1"), ("N", self.N >= 2, "an integer >= 2"),
+                ("lora_rank", self.lora_rank >= 0, "an integer >= 0 (0 = no LoRA)"),
+                ("lora_dropout", 0 <= self.lora_dropout < 1, "a value in [0, 1)"),
+                ("max_text_len", (self.max_text_len or 1) >= 1, "an integer >= 1"),
+                ("resolution", self.resolution >= 16 and self.resolution % 16 == 0, "a positive multiple of 16"),
+                ("eval_prompts", self.eval_prompts >= 1, "an integer >= 1")])
 
 
-@torch.no_grad()
-def data_latents(fam, base, folder, files, resolution, device, dtype):
-    """Image folder -> normalised VAE latents (P, C, res/8, res/8): resized and centre-cropped (Pillow)."""
-    import numpy as np
-    from PIL import Image, ImageOps
-    vae = load_pretrained(fam.vae, base, "vae", dtype).to(device)
-    out = []
-    for f in files:
-        im = ImageOps.fit(Image.open(os.path.join(folder, f)).convert("RGB"), (resolution, resolution),
-                          Image.BICUBIC)
-        x = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
-        out.append(encode_images(fam, vae, x).cpu())
-    return torch.cat(out)
+FLAG_ALIASES = {"policy": ["--head"]}           # old underscore spellings: common.hyphenate accepts them all
+
+
+def new_student(opts, cfg, tr, dtype):
+    """A fresh student on base `tr`: the head initialised from the teacher's proj_out, then the LoRA (B = 0)."""
+    fam = FAMILIES[opts.model]
+    student = T2IStudent(fam, tr, Head(opts.policy, opts.K, opts.N), dtype, piflow.dx_grid(cfg))
+    if opts.lora_rank:
+        student.add_lora(fam.lora(tr), opts.lora_rank, opts.lora_dropout)
+    return student
+
+
+class T2IAttachment(trainer.Attachment):
+    """The trainer attachment: LoRA + head student on a diffusers base; the base (LoRA off) is the teacher, with
+    CFG against the cached empty-prompt negative for a 'cfg' row."""
+    sharded, autocast = True, True
+
+    def __init__(self, opts, cfg, tc, student, cache, device, clip=None):
+        self.opts, self.cfg, self.tc, self.student, self.cache, self.device = opts, cfg, tc, student, cache, device
+        self.fam, self.clip, self._eval = student.fam, clip, None
+        h = opts.resolution // t2i_data.VAE_SCALE
+        self.noise_shape = (self.fam.channels, h, h)
+        self.teacher = student.teacher
+        if self.fam.guidance == "cfg" and tc.guidance != 1:
+            neg = t2i_data.make_cond(self.fam, cache, torch.tensor([0]), device, prefix="negative_")
+            self.teacher = piflow.guided_teacher(student.teacher, tc.guidance, neg, tuple(tc.guidance_interval))
+
+    def trainable(self):
+        return self.student.trainable()                               # LoRA + heads + norm_out
+
+    def _idx(self, n, g):
+        return torch.randint(len(self.cache["prompts"]), (n,), generator=g, device=g.device).cpu()
+
+    def sample_cond(self, n, g):
+        return t2i_data.make_cond(self.fam, self.cache, self._idx(n, g), self.device, self.tc.guidance)
+
+    def sample_data(self, n, g):
+        idx = self._idx(n, g)
+        return self.cache["latents"][idx].to(self.device).float(), t2i_data.make_cond(self.fam, self.cache, idx,
+                                                                                self.device, self.tc.guidance)
+
+    @torch.no_grad()
+    def evaluate(self, student):
+        """CLIP score (metrics.clip_score, torchmetrics) of the student's images of the first --eval-prompts cached
+        prompts from fixed noise ('auto' temperature), decoded with the base's VAE (loaded at the first call)."""
+        if self.clip is None:
+            return {}
+        if self._eval is None:
+            vae = t2i_data.load_pretrained(self.fam.vae, self.opts.base or self.fam.repo, "vae", self.student.dtype)
+            idx = torch.arange(min(self.opts.eval_prompts, len(self.cache["prompts"])))
+            noise = torch.randn((len(idx),) + self.noise_shape, generator=torch.Generator().manual_seed(1234))
+            self._eval = vae.to(self.device), idx, noise.to(self.device)
+        vae, idx, noise = self._eval
+        was_training = student.training
+        student.eval()
+        x = piflow.sample(student, noise, t2i_data.make_cond(self.fam, self.cache, idx, self.device, self.tc.guidance),
+                          temperature="auto")
+        student.train(was_training)
+        images = ((t2i_data.decode(self.fam, vae, x).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return {"clip": metrics.clip_score(images, [self.cache["prompts"][i] for i in idx.tolist()], self.clip)}
+
+    def shard(self, mesh):
+        """FSDP2: one unit per transformer block and per GM head layer (they run outside the diffusers forward),
+        then the root; frozen weights stay in the compute dtype, trainables fp32, all-gathered in the compute dtype."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        tr, dtype = self.student.tr, self.student.dtype
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        heads = self.student.heads() if self.student.head.policy == "gm" else []
+        for m in [b for blocks in tr.children() if isinstance(blocks, nn.ModuleList) for b in blocks] + heads:
+            fully_shard(m, mesh=mesh, mp_policy=mp)
+        # the root reshards after every forward too: after a no-grad one (teacher, the trainer's final validation)
+        # it would otherwise keep its unsharded parameters registered, which the optimizer does not hold
+        fully_shard(tr, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+
+    def export(self, path, ema):
+        """The published adapter layout from the EMA weights (fp16), written as a new version of `path`."""
+        tensors = {k: v.half() for k, v in ema.items()}
+        common.check_finite(tensors, f"--export={path!r} (fp16)")
+        common.publish_dir(path, lambda folder: write_adapter(folder, self.student, tensors, self.cfg,
+                                                                  self.tc.guidance))
+
+
+def attach(opts, cfg, tc, settings, device, dtype):
+    """train_py --model M: every user error first, then the cache, then the base model."""
+    fam = FAMILIES[opts.model]
+    base = opts.base or fam.repo
+    adapter = read_adapter(opts.init_adapter, opts.model, "--init-adapter") if opts.init_adapter else None
+    if adapter:
+        size = lambda hd: (hd.policy, hd.K if hd.policy == "gm" else hd.N)
+        if size(adapter[0]) != size(Head(opts.policy, opts.K, opts.N)):
+            p, n = size(adapter[0])
+            raise common.UserError(f"--init-adapter={opts.init_adapter!r} has a {p} head of size {n}; pass --policy "
+                                   f"{p} --{'K' if p == 'gm' else 'N'} {n}")
+        if adapter[3] != opts.lora_rank:
+            raise common.UserError(f"--lora-rank={opts.lora_rank} differs from --init-adapter's LoRA rank "
+                                   f"{adapter[3]}; pass --lora-rank {adapter[3]}")
+    if fam.guidance == "distilled" and tc.guidance_interval != (0.0, 1.0):
+        raise common.UserError(f"--guidance-interval applies to CFG; --model {opts.model} takes a distilled guidance")
+    clip = None
+    if opts.eval_clip:
+        clip = metrics.load_clip(opts.eval_clip, "--eval-clip")
+    cache = t2i_data.training_cache(opts, fam, base, tc, device, dtype)
+    tr = t2i_data.load_pretrained(fam.transformer, base, "transformer", dtype)
+    if adapter:
+        student = student_from_adapter(opts.model, tr, opts.init_adapter, "--init-adapter", dtype,
+                                           opts.lora_dropout, adapter)[0]
+        if opts.policy == "dx":
+            student.policy_config.update(piflow.dx_grid(cfg))
+    else:
+        student = new_student(opts, cfg, tr, dtype)
+    for p in student.trainable(train=True).values():                      # fp32 masters (recipe §4.10)
+        p.data = p.data.float()
+    if opts.grad_checkpointing:
+        tr.enable_gradient_checkpointing()
+    return T2IAttachment(opts, cfg, tc, student.to(device), cache, device, clip)

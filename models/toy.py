@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runtime import common
 import piflow
+from runtime import common, trainer
 
 NUM_CLASSES, PROTOS_PER_CLASS, IMG = 10, 4, (1, 8, 8)
 CLASS_WEIGHTS = (0.4, 0.3, 0.2, 0.1)   # within-class prototype weights (non-uniform, so mode coverage matters)
@@ -129,17 +129,6 @@ def teacher_rk4(teacher, noise, cond=None, steps=64):
         k3 = f(x + h / 2 * k2, a + h / 2)
         k4 = f(x + h * k3, max(a + h, 0.0))
         x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-    return x
-
-
-@torch.no_grad()
-def teacher_euler(teacher, noise, cond, nfe, shift=1.0, final_step_scale=1.0):
-    """The teacher's own few-step Euler sampler on the same NFE schedule (Fig. 2a baseline)."""
-    _, sigmas = piflow.nfe_schedule(nfe, shift, final_step_scale)
-    x = noise
-    for i in range(nfe):
-        s = piflow.as_batch(float(sigmas[i]), x)
-        x = x + piflow.call(teacher, x, s, cond) * float(sigmas[i + 1] - sigmas[i])
     return x
 
 
@@ -250,7 +239,7 @@ def load_teacher(path=TEACHER_CKPT):
         net.load_state_dict({k: v.float() for k, v in ck["net"].items()})
         common.check_finite(ck["net"], f"teacher={path!r}")
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
-        raise common.UserError(f"teacher={path!r} is not a toy teacher network ({str(e).splitlines()[0]})") from None
+        raise common.UserError(f"teacher={path!r} is not a toy teacher network ({common.first_line(e)})") from None
     return net.eval().requires_grad_(False)
 
 
@@ -277,12 +266,10 @@ class Options:
     init: str = "auto"        # teacher (copy the teacher, paper), scratch (random) or auto (teacher if width/depth fit)
 
     def __post_init__(self):
-        for name, ok, accepted in [("policy", self.policy in ("gm", "dx", "shortcut"), "gm, dx or shortcut"),
+        piflow.check_fields(self, [("policy", self.policy in ("gm", "dx", "shortcut"), "gm, dx or shortcut"),
                                    ("K", self.K >= 1, ">= 1"), ("N", self.N >= 1, ">= 1"),
                                    ("width", self.width >= 2, ">= 2"), ("depth", self.depth >= 0, ">= 0"),
-                                   ("init", self.init in ("auto", "teacher", "scratch"), "auto, teacher or scratch")]:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; expected {accepted}")
+                                   ("init", self.init in ("auto", "teacher", "scratch"), "auto, teacher or scratch")])
 
 
 class ToyStudent(ToyNet):
@@ -391,10 +378,9 @@ class Evaluator:
 #                     The toy attachment (trainer.py) and sampling              #
 #################################################################################
 
-class ToyAttachment:
-    """trainer.py attachment: the teacher network (CFG through the null class) and a student built from it."""
-    sharded, autocast = False, False
-    noise_shape = IMG
+class ToyAttachment(trainer.Attachment):
+    """The trainer attachment: the teacher network (CFG through the null class) and a student built from it."""
+    autocast, noise_shape, num_classes = False, IMG, NUM_CLASSES
 
     def __init__(self, opts, cfg, tc, settings, device):
         self.data, self.opts, self.cfg, self.settings, self.device = ToyData(), opts, cfg, settings, device
@@ -411,12 +397,6 @@ class ToyAttachment:
         if opts.policy == "shortcut":
             self.loss = self.shortcut_loss
         self._evaluator = None
-
-    def trainable(self):
-        return dict(self.student.named_parameters())
-
-    def sample_cond(self, n, g):
-        return torch.randint(NUM_CLASSES, (n,), generator=g, device=g.device)
 
     def sample_data(self, n, g):
         cond = self.sample_cond(n, g)
@@ -464,13 +444,11 @@ def load_student(path):
     st = ck["settings"]
     try:
         common.check_finite(ck["ema"], f"--ckpt={path!r}")
-        opts = Options(**{k: st[k] for k in Options.__dataclass_fields__ if k in st})
-        cfg = piflow.PiIDConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in st.items()
-                                   if k in piflow.PiIDConfig.__dataclass_fields__})
+        opts, cfg = common.from_settings(Options, st), common.from_settings(piflow.PiIDConfig, st)
         student = ToyStudent(opts, cfg)
         student.load_state_dict({k: v.float() for k, v in ck["ema"].items()})
     except (KeyError, ValueError, RuntimeError) as e:
-        raise common.UserError(f"--ckpt={path!r} cannot be used: {str(e).splitlines()[0]}") from None
+        raise common.UserError(f"--ckpt={path!r} cannot be used: {common.first_line(e)}") from None
     student.piid_config = cfg
     return student.eval(), st
 
@@ -494,20 +472,19 @@ def sample_grid(args):
         raise common.UserError(f"--per-class={args.per_class} is not accepted; expected an integer >= 1")
     student, st = load_student(args.ckpt)
     cfg = student.piid_config
-    nfe = args.nfe or cfg.nfe
     print(f"student: {args.ckpt} ({st['policy']}, K={st['K']}, N={st['N']}, trained at NFE {cfg.nfe}, shift "
           f"{cfg.shift}, final step scale {cfg.final_step_scale}, {cfg.total_substeps} substeps)")
-    print("sigma schedule: " + ", ".join(f"{s:.4f}" for s in piflow.nfe_schedule(nfe, cfg.shift,
-                                                                                  cfg.final_step_scale)[1].tolist()))
     data = ToyData()
     teacher = piflow.guided_teacher(load_teacher(), st.get("guidance", 1.0), torch.tensor([NUM_CLASSES]),
                                     tuple(st.get("guidance_interval", (0.0, 1.0))))
     g = torch.Generator().manual_seed(args.seed)
     cond = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class)                # (B,)
     noise = torch.randn((len(cond),) + IMG, generator=g)
-    x = piflow.sample(student, noise, cond, nfe, temperature=args.temperature)
+    x, schedule = piflow.sample(student, noise, cond, args.nfe, temperature=args.temperature, return_schedule=True)
+    nfe = schedule["nfe"]
+    print("sigma schedule: " + ", ".join(f"{s:.4f}" for s in schedule["sigmas"].tolist()))
     x_teacher = teacher_rk4(teacher, noise, cond)
-    x_euler = teacher_euler(teacher, noise, cond, nfe, cfg.shift, cfg.final_step_scale)
+    x_euler = piflow.teacher_euler(teacher, noise, cond, schedule["sigmas"])
     metrics = {}
     for name, xs in (("student", x), ("teacher Euler", x_euler), ("teacher ODE", x_teacher)):
         m = {"align": teacher_alignment(xs, x_teacher), "mode_kl": mode_kl(data, xs, cond),
@@ -533,7 +510,7 @@ def main(argv=None):
     t.add_argument("--steps", type=int, default=TEACHER_RECIPE["steps"], help="training steps (default: %(default)s)")
     args = p.parse_args(argv)
     if args.cmd == "teacher":
-        common.check(p, args, [("steps", args.steps >= 1, "an integer >= 1")])
+        common.check(args, [("steps", args.steps >= 1, "an integer >= 1")], p)
         with common.user_errors("toy.py teacher"):
             common.check_writable(args.out, "--out")
             torch.set_num_threads(1)

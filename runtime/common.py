@@ -2,6 +2,8 @@
 
     UserError, user_errors(prog)    a mistake in what the user asked for -> one line on stderr, exit 2 (main only)
     add_flags(parser, cls, ...)     argparse flags derived from a dataclass (help = the field's comment)
+    from_settings(cls, settings)    a dataclass from a settings dict (a run's, a parsed command line's)
+    check(args, rules, parser)      piflow.check_fields on flags: the message names --the-flag
     load_tensors(path, what)        torch.load(weights_only=True): a file that needs unpickling is refused
     hub_file(repo, filename, ...)   a hub file, the cache first; offline / missing: one line naming the id
     save_atomic(path, write)        write a temporary file in the same folder, fsync, then os.replace
@@ -24,9 +26,16 @@ import typing
 
 import torch
 
+import piflow
+
 
 class UserError(Exception):
     """A bad flag, missing file, offline hub, unwritable path, ...: main() prints it as one line and exits 2."""
+
+
+def first_line(e, limit=200):
+    """The first line of an exception's message (its type's name if empty), at most `limit` characters."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
 
 
 @contextlib.contextmanager
@@ -93,23 +102,37 @@ def add_flags(parser, cls, defaults=None, skip=(), aliases=None):
         parser.add_argument(flag(f.name), *aliases.get(f.name, ()), **kw)
 
 
+def from_settings(cls, settings):
+    """cls(**the entries of `settings` that are fields of dataclass cls), lists back to tuples (JSON-like settings
+    of a checkpoint, an export's config, a command line's vars)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if k in names})
+
+
+def _flag_message(e, names):
+    """'name=value is not accepted; ...' (piflow.check_fields) -> '--name=value ...' when name is a flag."""
+    msg = str(e)
+    name = msg.split("=", 1)[0]
+    return flag(name) + msg[len(name):] if name in names else msg
+
+
 def build(cls, args, parser):
-    """cls(**fields from args); a ValueError from its validation becomes parser.error naming the flag."""
-    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
+    """from_settings(cls, vars(args)); a ValueError from its validation becomes parser.error naming the flag."""
     try:
-        return cls(**kw)
+        return from_settings(cls, vars(args))
     except ValueError as e:
-        msg = str(e)
-        name = msg.split("=", 1)[0]
-        parser.error(flag(name) + msg[len(name):] if name in kw else msg)
+        parser.error(_flag_message(e, vars(args)))
 
 
-def check(parser, args, rules):
-    """rules: [(field, ok, accepted)]; the first failing one becomes parser.error('--field=value ...')."""
-    for name, ok, accepted in rules:
-        if not ok:
-            parser.error(f"{flag(name)}={getattr(args, name)!r} is not accepted; expected {accepted}")
+def check(args, rules, parser=None):
+    """piflow.check_fields(args, rules) on parsed flags: the first failing rule becomes parser.error('--field=value
+    ...') (exit 2), or without a parser a UserError with that line."""
+    try:
+        piflow.check_fields(args, rules)
+    except ValueError as e:
+        if parser is not None:
+            parser.error(_flag_message(e, {r[0] for r in rules}))
+        raise UserError(_flag_message(e, {r[0] for r in rules})) from None
 
 
 def parse_temperature(v):
@@ -167,7 +190,7 @@ def hub_file(repo, filename, what, spec):
                             "HF_ENDPOINT, or pass a local path") from None
         return huggingface_hub.hf_hub_download(repo, filename)
     except (errors.HfHubHTTPError, OSError, ValueError) as e:                # missing file / repo, bad id, ...
-        raise UserError(f"{where}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{where}: {type(e).__name__}: {first_line(e)}") from None
 
 
 def save_atomic(path, write):

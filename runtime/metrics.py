@@ -119,7 +119,7 @@ def load_clip(spec, what="--eval-clip"):
         return _CLIPFeatures(model), CLIPProcessor.from_pretrained(spec)
     except (OSError, ValueError) as e:
         raise common.UserError(f"{what}={spec!r}: cannot load a CLIP model and processor "
-                               f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}); give a local "
+                               f"({common.first_line(e)}); give a local "
                                "folder or a reachable hub id") from None
 
 

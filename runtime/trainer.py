@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -61,19 +61,17 @@ class TrainConfig:
     max_loss_ratio: float = 1000.0     # a loss above this x the median of recent good losses is a bad step
 
     def __post_init__(self):
-        ok = [("steps", self.steps >= 1, "an integer >= 1"), ("batch_size", self.batch_size >= 1, "an integer >= 1"),
-              ("micro_batch", self.micro_batch >= 0 and (self.micro_batch == 0 or self.batch_size % self.micro_batch
-                                                         == 0), f"0 or a divisor of batch_size={self.batch_size}"),
-              ("lr", self.lr > 0 and math.isfinite(self.lr), "a finite value > 0"),
-              ("warmup", self.warmup >= 0, "an integer >= 0"), ("grad_clip", self.grad_clip > 0, "> 0"),
-              ("ema_gamma", self.ema_gamma > 0, "> 0"), ("guidance", math.isfinite(self.guidance), "a finite value"),
-              ("optimizer", self.optimizer in ("adamw", "adamw8bit"), "adamw or adamw8bit"),
-              ("dtype", self.dtype in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
-              ("max_skips", self.max_skips >= 1, "an integer >= 1"),
-              ("max_loss_ratio", self.max_loss_ratio > 1, "a value > 1")]
-        for name, good, accepted in ok:
-            if not good:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; expected {accepted}")
+        piflow.check_fields(self, [
+            ("steps", self.steps >= 1, "an integer >= 1"), ("batch_size", self.batch_size >= 1, "an integer >= 1"),
+            ("micro_batch", self.micro_batch >= 0 and (self.micro_batch == 0 or self.batch_size % self.micro_batch
+                                                       == 0), f"0 or a divisor of batch_size={self.batch_size}"),
+            ("lr", self.lr > 0 and math.isfinite(self.lr), "a finite value > 0"),
+            ("warmup", self.warmup >= 0, "an integer >= 0"), ("grad_clip", self.grad_clip > 0, "> 0"),
+            ("ema_gamma", self.ema_gamma > 0, "> 0"), ("guidance", math.isfinite(self.guidance), "a finite value"),
+            ("optimizer", self.optimizer in ("adamw", "adamw8bit"), "adamw or adamw8bit"),
+            ("dtype", self.dtype in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
+            ("max_skips", self.max_skips >= 1, "an integer >= 1"),
+            ("max_loss_ratio", self.max_loss_ratio > 1, "a value > 1")])
 
 
 # Named presets: one row of the paper's tables (or the shipped toy recipe) each. A preset sets defaults;
@@ -114,36 +112,59 @@ PRESETS = {
 
 # Settings that may change when a run is resumed; every other setting is the run's identity.
 RUN_KEYS = ("steps", "out", "resume", "overwrite", "export", "log_every", "ckpt_every", "eval_every",
-            "no_progress", "threads", "max_skips", "max_loss_ratio", "preset")
+            "progress", "threads", "max_skips", "max_loss_ratio", "preset")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out: str = "runs/toy"              # run folder: ckpt.pt, log.txt
+    resume: bool = False               # continue OUT/ckpt.pt (same settings, larger --steps)
+    overwrite: bool = False            # start afresh in an OUT that holds a checkpoint (replaced only by a good new one)
+    export: Optional[str] = None       # also write the EMA student here at every checkpoint (sample.py reads it; train_t2i.py: OUT/adapter)
+    log_every: int = 50                # log the loss every N steps
+    ckpt_every: int = 500              # checkpoint every N steps; 0 = at the end only
+    eval_every: int = 500              # evaluate the EMA student every N steps; 0 = off
+    threads: int = 0                   # torch CPU threads per process; 0 = torch's default
+    progress: bool = True              # a tqdm progress bar on rank 0
+
+    def __post_init__(self):
+        piflow.check_fields(self, [(k, getattr(self, k) >= 0, "an integer >= 0")
+                                   for k in ("log_every", "ckpt_every", "eval_every", "threads")])
 
 
 #################################################################################
-#                         Command line (shared by the scripts)                  #
+#                 The attachment: what a model gives the trainer                #
 #################################################################################
 
-def add_run_flags(parser, out_default):
-    g = parser.add_argument_group("run")
-    g.add_argument("--out", default=out_default, help="run folder: ckpt.pt, log.txt (default: %(default)s)")
-    g.add_argument("--resume", action="store_true", help="continue OUT/ckpt.pt (same settings, larger --steps)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an OUT that holds a checkpoint (it is replaced only by a good new one)")
-    g.add_argument("--export", default=None, help="also write the EMA student here at every checkpoint "
-                   "(the format sample.py reads) (default: %(default)s; train_t2i.py: OUT/adapter)")
-    g.add_argument("--log-every", type=int, default=50, help="log the loss every N steps (default: %(default)s)")
-    g.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps; 0 = at the end only "
-                   "(default: %(default)s)")
-    g.add_argument("--eval-every", type=int, default=500, help="evaluate the EMA student every N steps, 0 = off "
-                   "(default: %(default)s)")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads per process, 0 = torch's default "
-                   "(default: %(default)s)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+class Attachment:
+    """The one contract between a model and the loop (toy, SiT, text-to-image and any own teacher subclass it).
 
+    A subclass sets
+        student       nn.Module, student(x_t, sigma, cond) -> policy (piflow.GMPolicy / DXPolicy)
+        teacher       teacher(x_t, sigma, cond) -> u, guidance already applied
+        noise_shape   (C, H, W) of one sample
+        num_classes   labels of a class-conditional model are drawn from [0, num_classes); None: unconditional
+    and may override trainable / sample_cond / sample_data, or give loss(step, g, n, backward) (a non-π-ID baseline),
+    evaluate(student) -> {name: float}, export(path, ema) and shard(mesh) (FSDP2, with sharded = True).
+    """
+    sharded = False                    # True: FSDP2 over ranks via shard(mesh); False: replicated, grads all-reduced
+    autocast = True                    # run the losses under autocast in the compute dtype (bf16 on CUDA)
+    num_classes = None
+    loss = evaluate = export = shard = None
 
-def check_run_flags(parser, args):
-    common.check(parser, args, [("log_every", args.log_every >= 0, "an integer >= 0"),
-                                ("ckpt_every", args.ckpt_every >= 0, "an integer >= 0"),
-                                ("eval_every", args.eval_every >= 0, "an integer >= 0"),
-                                ("threads", args.threads >= 0, "an integer >= 0")])
+    def trainable(self):
+        """{name: parameter} that the optimizer trains: every student parameter (LoRA students: LoRA + heads)."""
+        return dict(self.student.named_parameters())
+
+    def sample_cond(self, n, g):
+        """Conditions of n samples from generator g: uniform class labels, or None (unconditional)."""
+        if self.num_classes is None:
+            return None
+        return torch.randint(self.num_classes, (n,), generator=g, device=g.device)
+
+    def sample_data(self, n, g):
+        """(x0, cond) of n training samples (data-dependent π-ID, Alg. 2)."""
+        raise common.UserError("--data-dependent: this model has no training data; train data-free (Alg. 3)")
 
 
 #################################################################################
@@ -168,7 +189,7 @@ def micro_seed(seed, step, i):
 
 def micro_loss(att, cfg, tc, step, g, n, backward):
     """One micro-batch of n samples: π-ID (Alg. 2 or Alg. 3), or the attachment's own baseline loss."""
-    if hasattr(att, "loss"):
+    if att.loss is not None:
         return att.loss(step, g, n, backward)
     if tc.data_dependent:
         x0, cond = att.sample_data(n, g)
@@ -181,9 +202,9 @@ def micro_loss(att, cfg, tc, step, g, n, backward):
 
 
 class Run:
-    """Process group, lock, resume and checkpoint I/O of one training run."""
+    """Process group, lock and log of one training run (rank 0 holds the lock and writes the log)."""
 
-    def __init__(self, out):
+    def __init__(self, rc):
         self.ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
         cuda = torch.cuda.is_available()
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
@@ -192,7 +213,7 @@ class Run:
             if cuda:
                 torch.cuda.set_device(self.device)
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if self.ddp else (0, 1)
-        self.out, self.ckpt = out, os.path.join(out, "ckpt.pt")
+        self.rc, self.ckpt = rc, os.path.join(rc.out, "ckpt.pt")
         self.lock, self.log = None, None
 
     def agree(self, ok):
@@ -207,8 +228,8 @@ class Run:
         err = None
         if self.rank == 0:
             try:
-                common.check_writable(self.out, "--out", is_dir=True)
-                self.lock = common.RunLock(self.out)
+                common.check_writable(self.rc.out, "--out", is_dir=True)
+                self.lock = common.RunLock(self.rc.out)
             except common.UserError as e:
                 err = e
         if not self.agree(err is None):
@@ -220,7 +241,7 @@ class Run:
         (bar.write if bar is not None else print)(msg)
         sys.stdout.flush()
         if self.log is None:
-            self.log = open(os.path.join(self.out, "log.txt"), "a")
+            self.log = open(os.path.join(self.rc.out, "log.txt"), "a")
         self.log.write(msg + "\n")
         self.log.flush()
 
@@ -288,162 +309,178 @@ def make_optimizer(params, tc, say):
     return cls(list(params.values()), lr=tc.lr, betas=(0.9, 0.95), weight_decay=0.0)
 
 
-def train(build, cfg, tc, settings, args):
+def train(build, cfg, tc, settings, rc):
     """Run π-ID; returns (attachment, {name: EMA tensor}).
 
-    build(device, tc) -> attachment. settings: every setting of the run (stored in the checkpoint, checked on
-    resume). args: the run flags (out, resume, overwrite, export, log_every, ckpt_every, eval_every, ...).
+    build(device, dtype) -> Attachment. cfg: piflow.PiIDConfig, tc: TrainConfig, rc: RunConfig. settings: every
+    setting of the run (stored in the checkpoint, checked on resume; settings_of(cfg, tc, ...)).
     """
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if rc.threads:
+        torch.set_num_threads(rc.threads)
     torch.set_flush_denormal(True)                            # denormals make the CPU GM posterior very slow
-    run = Run(args.out)
+    run = Run(rc)
     try:
-        return _train(run, build, cfg, tc, settings, args)
+        t = Training(run, build, cfg, tc, settings)
+        t.loop()
+        return t.att, t.ema
     finally:
         run.close()
 
 
-def _train(run, build, cfg, tc, settings, args):
-    device, rank, world = run.device, run.rank, run.world
-    # --- every user error before heavy work: lock, resume identity, batch split
-    has_ckpt = os.path.exists(run.ckpt)
-    if args.resume and not has_ckpt:
-        raise common.UserError(f"--resume: no checkpoint at {run.ckpt!r}; train without --resume first")
-    if not args.resume and has_ckpt and not args.overwrite:
-        raise common.UserError(f"--out={args.out!r} already holds ckpt.pt; pass --resume to continue or "
-                               "--overwrite to start afresh")
-    micro = tc.micro_batch or tc.batch_size // world
-    n_micro = tc.batch_size // micro if micro else 0
-    if not micro or tc.batch_size % micro or n_micro % world:
-        raise common.UserError(f"--batch-size={tc.batch_size} / --micro-batch={tc.micro_batch} do not split "
-                               f"over {world} process(es); expected a number of micro-batches divisible by {world}")
-    if args.export:
-        common.check_writable(args.export, "--export")
-    run.take_lock()
-    ck = read_checkpoint(run.ckpt, settings, tc.steps) if args.resume else None
-    # --- model (identical initialisation on every rank)
-    torch.manual_seed(tc.seed)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(tc.dtype) or \
-        (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    att = build(device, dtype)
-    student = att.student
-    student.piid_config = cfg                                # the sampler keeps the training schedule
-    sharded = world > 1 and getattr(att, "sharded", False)
-    if sharded:
-        from torch.distributed.device_mesh import init_device_mesh
-        att.shard(init_device_mesh(device.type, (world,)))
-    params = att.trainable()
-    opt = make_optimizer(params, tc, run.say)
-    ema = {k: p.detach().clone().float() for k, p in params.items()}
-    start, recent = 0, []
-    if ck is not None:
-        load_into(params, ck["student"])
-        load_into(ema, ck["ema"])
-        load_optimizer(opt, student, ck["opt"])
-        start, recent = ck["step"], list(ck.get("recent_losses", []))
-        del ck
-    teacher_autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and not sharded
-                                      and getattr(att, "autocast", True))
-    n_local = n_micro // world
-    run.say(f"pi-ID {'data-dependent' if tc.data_dependent else 'data-free'} | preset {settings.get('preset')} | "
-            f"world {world} | {n_micro} micro-batches of {micro} | trainable "
-            f"{sum(p.numel() for p in params.values()) / 1e6:.2f} M | steps {start} -> {tc.steps}")
+class Training:
+    """One run's state: set-up (__init__), the step loss and its guard, one optimizer step, checkpoints, the loop."""
 
-    def step_loss(step, backward):
+    def __init__(self, run, build, cfg, tc, settings):
+        rc, world = run.rc, run.world
+        # --- every user error before heavy work: resume / overwrite, the batch split, the lock, the checkpoint
+        has_ckpt = os.path.exists(run.ckpt)
+        if rc.resume and not has_ckpt:
+            raise common.UserError(f"--resume: no checkpoint at {run.ckpt!r}; train without --resume first")
+        if not rc.resume and has_ckpt and not rc.overwrite:
+            raise common.UserError(f"--out={rc.out!r} already holds ckpt.pt; pass --resume to continue or "
+                                   "--overwrite to start afresh")
+        micro = tc.micro_batch or tc.batch_size // world
+        n_micro = tc.batch_size // micro if micro else 0
+        if not micro or tc.batch_size % micro or n_micro % world:
+            raise common.UserError(f"--batch-size={tc.batch_size} / --micro-batch={tc.micro_batch} do not split "
+                                   f"over {world} process(es); expected a number of micro-batches divisible by {world}")
+        if rc.export:
+            common.check_writable(rc.export, "--export")
+        run.take_lock()
+        ck = read_checkpoint(run.ckpt, settings, tc.steps) if rc.resume else None
+        # --- model (identical initialisation on every rank), optimizer, EMA
+        torch.manual_seed(tc.seed)
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(tc.dtype) or \
+            (torch.bfloat16 if run.device.type == "cuda" else torch.float32)
+        self.att = att = build(run.device, dtype)
+        att.student.piid_config = cfg                        # the sampler keeps the training schedule
+        self.sharded = world > 1 and att.sharded
+        if self.sharded:
+            from torch.distributed.device_mesh import init_device_mesh
+            att.shard(init_device_mesh(run.device.type, (world,)))
+        self.params = att.trainable()
+        self.opt = make_optimizer(self.params, tc, run.say)
+        self.ema = {k: p.detach().clone().float() for k, p in self.params.items()}
+        self.start, self.recent = 0, []
+        if ck is not None:
+            load_into(self.params, ck["student"])
+            load_into(self.ema, ck["ema"])
+            load_optimizer(self.opt, att.student, ck["opt"])
+            self.start, self.recent = ck["step"], list(ck.get("recent_losses", []))
+        self.autocast = torch.autocast(run.device.type, dtype=dtype, enabled=dtype != torch.float32 and
+                                       not self.sharded and att.autocast)
+        self.run, self.cfg, self.tc, self.settings = run, cfg, tc, settings
+        self.micro, self.n_micro, self.n_local = micro, n_micro, n_micro // world
+        run.say(f"pi-ID {'data-dependent' if tc.data_dependent else 'data-free'} | preset {settings.get('preset')} | "
+                f"world {world} | {n_micro} micro-batches of {micro} | trainable "
+                f"{sum(p.numel() for p in self.params.values()) / 1e6:.2f} M | steps {self.start} -> {tc.steps}")
+
+    def step_loss(self, step, backward):
         """Loss of `step` over this rank's micro-batches (summed over ranks), gradients via backward()."""
-        total = torch.zeros((), device=device)
-        for i in range(rank * n_local, (rank + 1) * n_local):
-            seed = micro_seed(tc.seed, step, i)
+        run, total = self.run, torch.zeros((), device=self.run.device)
+        for i in range(run.rank * self.n_local, (run.rank + 1) * self.n_local):
+            seed = micro_seed(self.tc.seed, step, i)
             torch.manual_seed(seed)                           # module-internal randomness (LoRA dropout)
-            g = torch.Generator(device=device).manual_seed(seed)
-            with teacher_autocast:
-                total += micro_loss(att, cfg, tc, step, g, micro, backward).float() / n_micro
-        if world > 1:
+            g = torch.Generator(device=run.device).manual_seed(seed)
+            with self.autocast:
+                total += micro_loss(self.att, self.cfg, self.tc, step, g, self.micro, backward).float() / self.n_micro
+        if run.world > 1:
             dist.all_reduce(total)
         return total
 
-    def is_bad(loss, gnorm):
+    def is_bad(self, loss, gnorm):
+        """The guard: why this step must not be applied, or None."""
         if not (math.isfinite(loss) and math.isfinite(gnorm)):
             return f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'}"
-        if recent and loss > tc.max_loss_ratio * statistics.median(recent):
-            return f"loss {loss:.3g} > {tc.max_loss_ratio:g} x the median of recent losses"
+        if self.recent and loss > self.tc.max_loss_ratio * statistics.median(self.recent):
+            return f"loss {loss:.3g} > {self.tc.max_loss_ratio:g} x the median of recent losses"
         return None
 
-    def save(step):
-        """One consistent unit: weights, EMA, optimizer, step and settings in one atomically replaced file."""
-        state = {"step": step, "settings": settings, "student": full_tensors(params), "ema": full_tensors(ema),
-                 "opt": optimizer_state(opt, student), "recent_losses": list(recent)}
-        if rank == 0:
-            common.check_finite(state["student"], "checkpoint")
-            common.check_finite(state["ema"], "checkpoint EMA")
-            if args.export and hasattr(att, "export"):            # derived files first: ckpt.pt is the commit
-                att.export(args.export, state["ema"])
-            common.save_torch(state, run.ckpt)
-        if world > 1:
-            dist.barrier()
-
-    steps = range(start, tc.steps)
-    bar = None
-    if rank == 0 and not args.no_progress:
-        from tqdm import tqdm
-        steps = bar = tqdm(steps, initial=start, total=tc.steps, desc="pi-ID", dynamic_ncols=True)
-    pending = False
-    skips, t_log, window = 0, time.time(), []
-    student.train()
-    for step in steps:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, tc)
-        opt.zero_grad(set_to_none=False)
-        loss = float(step_loss(step, lambda l: (l / n_local).backward()))
-        if world > 1 and not sharded:                         # replicated: average gradients over ranks
-            for p in params.values():
+    def gradients(self, step):
+        """Loss and gradients of `step` (averaged over ranks), clipped from tc.clip_start: (loss, pre-clip norm)."""
+        self.opt.zero_grad(set_to_none=False)
+        loss = float(self.step_loss(step, lambda l: (l / self.n_local).backward()))
+        if self.run.world > 1 and not self.sharded:           # replicated: average gradients over ranks
+            for p in self.params.values():
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad)
-                p.grad.div_(world)
-        clip = tc.grad_clip if step >= tc.clip_start else math.inf
-        gnorm = torch.nn.utils.clip_grad_norm_(list(params.values()), clip)
-        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-        bad, done = is_bad(loss, gnorm), step + 1
-        if bad:                                               # not applied; the weights stay as they were
-            skips += 1
-            run.say(f"step {step}: {bad}; step skipped ({skips} in a row)", bar)
-            if skips >= tc.max_skips:
-                raise Diverged(f"stopped after {skips} bad steps in a row (last: {bad}); the last good "
-                               f"checkpoint {run.ckpt!r} is untouched. Lower --lr or check the teacher.")
-        else:
-            skips = 0
-            if pending:                                       # this step's loss validates the weights: save them
-                save(step)
-                pending = False
-            opt.step()
-            piflow.ema_update(ema, params, piflow.ema_beta(step, tc.ema_gamma, tc.ema_start))
-            recent = (recent + [loss])[-100:]
-            window.append(loss)
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss:.4g}")
-        if args.log_every and done % args.log_every == 0 and window:
-            run.say(f"step {done} | loss {sum(window) / len(window):.5f} | {len(window) / (time.time() - t_log):.2f} "
-                    f"steps/s | lr {lr_at(step, tc):.3g}", bar)
-            t_log, window = time.time(), []
-        if args.eval_every and done % args.eval_every == 0 and hasattr(att, "evaluate"):
-            swap(params, ema)
-            m = att.evaluate(student) if rank == 0 or sharded else {}
-            swap(params, ema)
-            run.say(f"step {done} | eval EMA: " + " ".join(f"{k} {v:.4f}" for k, v in m.items()), bar)
-        if args.ckpt_every and done % args.ckpt_every == 0 and done < tc.steps:
-            pending = True                                    # written at the next good step (validated)
-    # the final weights are validated by one more loss on the next step's first micro-batches
-    with torch.no_grad():
-        bad = is_bad(float(step_loss(tc.steps, lambda l: None)), 0.0)
-    if bad:
-        raise Diverged(f"the final weights fail the guard ({bad}); {run.ckpt!r} keeps the last good step")
-    save(tc.steps)
-    run.say(f"saved {run.ckpt} (step {tc.steps})" + (f"; exported {args.export}" if args.export else ""), bar)
-    if bar is not None:
-        bar.close()
-    return att, ema
+                p.grad.div_(self.run.world)
+        clip = self.tc.grad_clip if step >= self.tc.clip_start else math.inf
+        gnorm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), clip)
+        return loss, float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+
+    def save(self, step):
+        """One consistent unit: weights, EMA, optimizer, step and settings in one atomically replaced file."""
+        run, att = self.run, self.att
+        state = {"step": step, "settings": self.settings, "student": full_tensors(self.params),
+                 "ema": full_tensors(self.ema), "opt": optimizer_state(self.opt, att.student),
+                 "recent_losses": list(self.recent)}
+        if run.rank == 0:
+            common.check_finite(state["student"], "checkpoint")
+            common.check_finite(state["ema"], "checkpoint EMA")
+            if run.rc.export and att.export is not None:          # derived files first: ckpt.pt is the commit
+                att.export(run.rc.export, state["ema"])
+            common.save_torch(state, run.ckpt)
+        if run.world > 1:
+            dist.barrier()
+
+    def evaluate(self, done, bar):
+        """Metrics of the EMA weights (swapped in and back)."""
+        swap(self.params, self.ema)
+        m = self.att.evaluate(self.att.student) if self.run.rank == 0 or self.sharded else {}
+        swap(self.params, self.ema)
+        self.run.say(f"step {done} | eval EMA: " + " ".join(f"{k} {v:.4f}" for k, v in m.items()), bar)
+
+    def loop(self):
+        """Steps start .. tc.steps. A bad step is not applied; a checkpoint due after step s is written once step
+        s + 1's loss with those weights has passed the guard; the final weights get one more validating loss."""
+        run, rc, tc = self.run, self.run.rc, self.tc
+        steps = bar = None
+        steps = range(self.start, tc.steps)
+        if run.rank == 0 and rc.progress:
+            from tqdm import tqdm
+            steps = bar = tqdm(steps, initial=self.start, total=tc.steps, desc="pi-ID", dynamic_ncols=True)
+        pending, skips, t_log, window = False, 0, time.time(), []
+        self.att.student.train()
+        for step in steps:
+            for group in self.opt.param_groups:
+                group["lr"] = lr_at(step, tc)
+            loss, gnorm = self.gradients(step)
+            bad, done = self.is_bad(loss, gnorm), step + 1
+            if bad:                                           # not applied; the weights stay as they were
+                skips += 1
+                run.say(f"step {step}: {bad}; step skipped ({skips} in a row)", bar)
+                if skips >= tc.max_skips:
+                    raise Diverged(f"stopped after {skips} bad steps in a row (last: {bad}); the last good "
+                                   f"checkpoint {run.ckpt!r} is untouched. Lower --lr or check the teacher.")
+            else:
+                skips = 0
+                if pending:                                   # this step's loss validates the weights: save them
+                    self.save(step)
+                    pending = False
+                self.opt.step()
+                piflow.ema_update(self.ema, self.params, piflow.ema_beta(step, tc.ema_gamma, tc.ema_start))
+                self.recent = (self.recent + [loss])[-100:]
+                window.append(loss)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.4g}")
+            if rc.log_every and done % rc.log_every == 0 and window:
+                run.say(f"step {done} | loss {sum(window) / len(window):.5f} | {len(window) / (time.time() - t_log):.2f}"
+                        f" steps/s | lr {lr_at(step, tc):.3g}", bar)
+                t_log, window = time.time(), []
+            if rc.eval_every and done % rc.eval_every == 0 and self.att.evaluate is not None:
+                self.evaluate(done, bar)
+            if rc.ckpt_every and done % rc.ckpt_every == 0 and done < tc.steps:
+                pending = True                                # written at the next good step (validated)
+        with torch.no_grad():                                 # the final weights: one more loss on the next step's
+            bad = self.is_bad(float(self.step_loss(tc.steps, lambda l: None)), 0.0)      # first micro-batches
+        if bad:
+            raise Diverged(f"the final weights fail the guard ({bad}); {run.ckpt!r} keeps the last good step")
+        self.save(tc.steps)
+        run.say(f"saved {run.ckpt} (step {tc.steps})" + (f"; exported {rc.export}" if rc.export else ""), bar)
+        if bar is not None:
+            bar.close()
 
 
 #################################################################################
@@ -510,25 +547,25 @@ def parse(prog, argv, select, modules, default_preset, description, export=None)
     common.add_flags(p.add_argument_group(f"{common.flag(select)} {choice} ({module.__name__}.Options)"),
                      module.Options, {k: v for k, v in preset.items() if k != select},
                      skip=(select,), aliases=getattr(module, "FLAG_ALIASES", None))
-    add_run_flags(p, f"runs/{choice}")
+    common.add_flags(p.add_argument_group("run (trainer.RunConfig)"), RunConfig, {"out": f"runs/{choice}"})
     args = p.parse_args(argv)
     if args.export is None and export:                                  # e.g. the adapter of train_t2i.py
         args.export = os.path.join(args.out, export)
-    check_run_flags(p, args)
     setattr(args, select, choice)
-    cfg, tc, opts = (common.build(cls, args, p) for cls in (piflow.PiIDConfig, TrainConfig, module.Options))
+    cfg, tc, opts, rc = (common.build(cls, args, p) for cls in (piflow.PiIDConfig, TrainConfig, module.Options,
+                                                                 RunConfig))
     settings = settings_of(cfg, tc, opts, **{select: choice, "preset": args.preset})
-    return args, cfg, tc, opts, settings, module
+    return rc, cfg, tc, opts, settings, module
 
 
 def main(prog, argv, select, modules, default_preset, description, export=None):
     """A training script's main: parse, then train() under the one-line user-error policy. A run stopped by the
     guard exits 3 with one line. Returns (attachment, EMA tensors) of rank 0."""
-    args, cfg, tc, opts, settings, module = parse(prog, argv, select, modules, default_preset, description, export)
+    rc, cfg, tc, opts, settings, module = parse(prog, argv, select, modules, default_preset, description, export)
     build = lambda device, dtype: module.attach(opts, cfg, tc, settings, device, dtype)
     with common.user_errors(prog):
         try:
-            return train(build, cfg, tc, settings, args)
+            return train(build, cfg, tc, settings, rc)
         except Diverged as e:
             print(f"{prog}: stopped: {e}", file=sys.stderr, flush=True)
             raise SystemExit(3) from None

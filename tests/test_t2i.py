@@ -27,7 +27,7 @@ from safetensors.torch import save_file  # noqa: E402
 import piflow  # noqa: E402
 from models import pipelines  # noqa: E402
 import sample  # noqa: E402
-from models import t2i  # noqa: E402
+from models import t2i, t2i_data  # noqa: E402
 import train_t2i  # noqa: E402
 from runtime import trainer  # noqa: E402
 
@@ -175,7 +175,7 @@ def save_cache(c, path):
 
 
 def cond_of(model, c, idx, guidance=None):
-    return t2i.make_cond(t2i.FAMILIES[model], c, torch.as_tensor(idx), "cpu", guidance or
+    return t2i_data.make_cond(t2i.FAMILIES[model], c, torch.as_tensor(idx), "cpu", guidance or
                          t2i.FAMILIES[model].guidance_scale)
 
 
@@ -239,8 +239,8 @@ def reference_u(ref, model, x, sigma, cond):
 
 
 def student(model, tr, policy="gm", K=3, N=3, rank=4, dropout=0.0, nfe=4):
-    opts = train_t2i.Options(model=model, policy=policy, K=K, N=N, lora_rank=rank, lora_dropout=dropout)
-    return train_t2i.new_student(opts, piflow.PiIDConfig(nfe=nfe, shift=3.2, final_step_scale=0.5), tr, F32)
+    opts = t2i.Options(model=model, policy=policy, K=K, N=N, lora_rank=rank, lora_dropout=dropout)
+    return t2i.new_student(opts, piflow.PiIDConfig(nfe=nfe, shift=3.2, final_step_scale=0.5), tr, F32)
 
 
 def perturb(s, seed, scale=0.05):
@@ -402,9 +402,9 @@ def train_args(model, base, cache, out, steps, *extra):
 
 
 def attachment(argv):
-    args, cfg, tc, opts, settings, _ = trainer.parse("train_t2i.py", argv, "model", train_t2i.MODELS,
+    rc, cfg, tc, opts, settings, _ = trainer.parse("train_t2i.py", argv, "model", train_t2i.MODELS,
                                                      train_t2i.DEFAULT_PRESET, "")
-    return train_t2i.attach(opts, cfg, tc, settings, torch.device("cpu"), F32), cfg
+    return t2i.attach(opts, cfg, tc, settings, torch.device("cpu"), F32), cfg
 
 
 def test_sd3_cfg_teacher_piid_steps_and_adapter_roundtrip(bases, tmp_path):
@@ -958,7 +958,7 @@ def test_bad_input_one_line_before_loading(bases, tmp_path, capsys, monkeypatch)
     def heavy(*a, **k):
         raise AssertionError("heavy loading reached")
     for name in ("load_pretrained", "load_pipeline", "encode_prompts"):
-        monkeypatch.setattr(t2i, name, heavy)
+        monkeypatch.setattr(t2i_data, name, heavy)
     flux_ad, qwen_ad = tmp_path / "flux_ad", tmp_path / "qwen_ad"
     write_released_adapter(str(flux_ad), "flux")
     write_released_adapter(str(qwen_ad), "qwen")
@@ -1034,7 +1034,7 @@ def test_data_folder_latents_and_data_dependent_step(bases, tmp_path, monkeypatc
         seen.extend(prompts)
         c = make_cache("flux", len(prompts))
         return {"prompt_embeds": c["prompt_embeds"], "pooled": c["pooled"]}
-    monkeypatch.setattr(t2i, "encode_prompts", fake_encode)
+    monkeypatch.setattr(t2i_data, "encode_prompts", fake_encode)
     out = tmp_path / "run"
     argv = ["--model", "flux", "--base", bases["flux"], "--data", str(data), "--data-dependent", "--out", str(out),
             "--steps", "1"] + TRAIN + ["--policy", "dx", "--N", "3", "--decay-iters", "0"]

@@ -10,7 +10,6 @@ What is checked, and against what:
   * torchrun: 2 processes with default flags train, and equal 1 process up to float summation order (AdamW moments
     compared, since AdamW's update hides a constant gradient scale).
 """
-import argparse
 import os
 import subprocess
 import sys
@@ -186,8 +185,8 @@ def train_flaky(out, bad, steps, ckpt_every):
     tc = trainer.TrainConfig(steps=steps, batch_size=4, micro_batch=4, warmup=1, ema_start=0, max_skips=3)
     opts = toy.Options(K=4, width=32, depth=1)
     settings = trainer.settings_of(cfg, tc, opts, teacher="toy")
-    run = argparse.Namespace(out=str(out), resume=False, overwrite=False, export=None, log_every=0,
-                             ckpt_every=ckpt_every, eval_every=0, threads=1, no_progress=True)
+    run = trainer.RunConfig(out=str(out), log_every=0, ckpt_every=ckpt_every, eval_every=0, threads=1,
+                            progress=False)
     return trainer.train(lambda device, dtype: FlakyToy(bad, opts, cfg, tc, settings, device), cfg, tc, settings, run)
 
 

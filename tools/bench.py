@@ -19,6 +19,7 @@ import torch
 import piflow
 import piflow_kernels
 from models import sit
+from runtime import common
 
 # Peak DRAM bandwidth (GB/s) of common accelerators, by substring of the device name (vendor data sheets).
 PEAK_GBPS = {"H200": 4800, "H100 PCIe": 2000, "H100 NVL": 3900, "H100": 3350, "A100-SXM4-80GB": 2039,
@@ -89,7 +90,7 @@ def safe(fn):
     try:
         return fn()
     except Exception as e:  # noqa: BLE001 - a benchmark should print what failed and go on
-        return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        return f"failed: {type(e).__name__}: {common.first_line(e, 120)}"
 
 
 def fmt(ms, ref=None):
