@@ -10,7 +10,7 @@ Read it top to bottom; every part depends only on the parts above it.
     4. Policy rollout: Euler integration of the policy ODE with 128 substeps / unit   (Alg. 1 line 7)
     5. π-ID: segment loss, micro-window (Eq. 6), trajectory mixing (Eq. 5),
        data-dependent (Alg. 2) and data-free (Alg. 3) training steps, teacher CFG
-    6. Few-step sampler (elastic NFE, GM temperature)
+    6. Few-step sampler (elastic NFE, GM temperature) and the teacher's own Euler sampler (Fig. 2)
     7. EMA of the student weights (Karras power schedule)
     8. Student output heads: a network's widened output -> policy, initialised from the teacher (§3, §5)
 

@@ -340,7 +340,7 @@ def test_gm_shortcut_at_source():
 def test_policies_run_in_float32_from_low_precision_heads():
     """Network outputs may be bf16; GM and DX policies keep float32 state (the fused kernels need it) with one variance
     per sample (B, 1, 1, 1, 1), and return float32 velocities equal, to float32 precision, to a float64 evaluation of
-    the same bf16 values (recipe §2.5)."""
+    the same bf16 values (the published pipelines run the policy in float32)."""
     g = torch.Generator().manual_seed(0)
     B, K = 2, 3
     means, logits = torch.randn(B, K, 2, 3, 3, generator=g), torch.randn(B, K, 1, 3, 3, generator=g)

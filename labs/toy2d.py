@@ -1,11 +1,11 @@
 """Distill your own teacher, shown on a 2-D checkerboard: the π-Flow recipe for any velocity network.
 
-    python toy2d.py lab                                   # teacher + GM/DX students at 1/2/4 NFE -> assets/toy2d.png
-    python toy2d.py distill --teacher toy2d:checkerboard_teacher --nfe 4 --out runs/distill   # any teacher
+    python -m labs.toy2d lab                              # teacher + GM/DX students at 1/2/4 NFE -> assets/toy2d.png
+    python -m labs.toy2d distill --teacher labs.toy2d:checkerboard_teacher --nfe 4 --out runs/distill   # any teacher
 
 Any network u = G(x_t, sigma[, cond]) on vectors x_t (B, C) whose last layer is an nn.Linear (width -> C) becomes
 a π-Flow student with `PolicyStudent(teacher, out="out")`: a copy of the teacher whose output layer is widened
-into a GM (or DX) head initialised from it (App. C.1; piflow.add_gm_head / init_gm_head / init_dx_head).
+into a GM (or DX) head initialised from it (§5.1; piflow.add_gm_head / init_gm_head / init_dx_head).
 `distill()` trains it with the project's one loop (trainer.train) on data-free π-ID (Alg. 3); `alignment()`
 measures it against the teacher's many-step ODE (RK4, 256 teacher calls) from the same noise, next to the
 teacher's own Euler sampler at the same NFE. For image networks whose output layer feeds a reshape (patches,
@@ -76,17 +76,17 @@ def train_teacher(steps=3000, batch=1024, lr=2e-3, seed=0):
 
 
 def checkerboard_teacher():
-    """The factory `toy2d.py distill --teacher toy2d:checkerboard_teacher` calls (trains in ~10 s)."""
+    """The factory `python -m labs.toy2d distill --teacher labs.toy2d:checkerboard_teacher` calls (trains in ~10 s)."""
     return train_teacher()
 
 
 #################################################################################
-#             Any teacher network -> a π-Flow student (App. C.1)                #
+#                Any teacher network -> a π-Flow student (§5.1)                 #
 #################################################################################
 
 class PolicyStudent(nn.Module):
     """G_phi(x_t, sigma[, cond]) -> policy: a copy of `teacher` whose output layer (the nn.Linear at attribute
-    path `out`, width -> C) is widened into a policy head initialised from it (App. C.1).
+    path `out`, width -> C) is widened into a policy head initialised from it (§5.1).
 
     GM: means = the teacher's layer repeated K times + N(0, bias_noise^2) bias noise, uniform weights, s = 0.05
     (so at step 0 the policy's velocity at (x_src, sigma_src) is the teacher's up to the mean bias noise); the

@@ -2,7 +2,7 @@
 cloning as O(n^2 eps) (Ross et al., 2011), with the per-substep imitation error eps and the substeps n set exactly.
 (The issue tracker calls this "Theorem 1"; the paper's Theorem 1 is GMFlow's expressiveness, §3.2.)
 
-    python toy_bound.py                  # assets/toy_bound.png and the fitted slopes (about a minute on one core)
+    python -m labs.toy_bound             # assets/toy_bound.png and the fitted slopes (about a minute on one core)
 
 The learner is the simplest network-free policy: one velocity per substep, v_k (a table with no state input, so
 it knows nothing about states it was not trained on: the situation the bound is about). Its imitation error is

@@ -1,8 +1,8 @@
 """The toy lab: the paper's ablations on toy ImageNet (toy.py), every student initialised from the teacher network
 as in the paper, all rows at one equal budget, several seeds per row, and a verdict per claim.
 
-    python toy_lab.py --quick       # smoke run: NFE 1 and 4, fewer rows and steps (numbers mean little)
-    python toy_lab.py               # the claims table: runs/lab/table.md, table.json (per-seed values), table.png
+    python -m labs.toy_lab --quick  # smoke run: NFE 1 and 4, fewer rows and steps (numbers mean little)
+    python -m labs.toy_lab          # the claims table: runs/lab/table.md, table.json (per-seed values), table.png
 
 A claim "A is better than B" counts as reproduced only when every seed of A beats every seed of B (the seed
 ranges do not overlap); the opposite is "contradicted"; overlapping ranges are "inconclusive at this budget".

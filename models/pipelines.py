@@ -29,7 +29,7 @@ from models import t2i, t2i_data
 
 def check_guidance(model, given, trained, force, flag="guidance_scale"):
     """A distilled-guidance student works at the guidance it was trained with only (3.5 FLUX.1, 4.0 FLUX.2: other
-    values give noise, recipe §4.8); CFG rows have the guidance distilled in and take none."""
+    values give noise: LakonLab README, ComfyUI-piFlow issue #9); CFG rows have the guidance distilled in and take none."""
     fam, hint = t2i.FAMILIES[model], f" ({'force' if flag == 'guidance_scale' else '--force'} to try anyway)"
     if fam.guidance == "distilled" and given is not None and given != trained and not force:
         raise common.UserError(f"{flag}={given} is not accepted; this adapter was distilled at guidance {trained} and "
@@ -61,7 +61,7 @@ class PiFlowPipeline:
                                max_sequence_length or self.fam.max_text_len)
 
     def references(self, images, batch, device):
-        """FLUX.2 editing conditions, as Flux2Pipeline builds them (integration.md Addendum): each reference over
+        """FLUX.2 editing conditions, as diffusers' Flux2Pipeline builds them: each reference over
         1024^2 px resized to that area and cropped to a multiple of 16 px, then prepare_image_latents: VAE mode,
         batch-norm normalised, packed into tokens with their own ids (T = 10, 20, ...). -> (cond, first's (H, W))."""
         pipe, conds = self.pipe, []
@@ -221,7 +221,7 @@ def sample_grid(args):
         if args.embed_cache:
             common.save_torch(cache, args.embed_cache)
     prompts, cfg = cache["prompts"], pipe.student.piid_config
-    nfe = args.nfe or cfg.nfe
+    nfe = piflow.schedule_settings(pipe.student, nfe=args.nfe)["nfe"]               # the sampler's own resolution
     T = piflow.resolve_temperature(args.temperature, nfe) if head.policy == "gm" else None
     print(f"pi-Flow {args.model} {head.policy} adapter {args.adapter} | NFE {nfe} (trained {cfg.nfe}) | shift "
           f"{cfg.shift} | final step scale {cfg.final_step_scale} | temperature {T} | "

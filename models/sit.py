@@ -1,12 +1,12 @@
-"""ImageNet-256 attachment: SiT-XL/2 / REPA / FM-DiT teachers, GM and DX students, SD-VAE latents (§5.1, App. C.1).
+"""ImageNet-256 attachment: SiT-XL/2 / REPA / FM-DiT teachers, GM and DX students, SD-VAE latents (§5.1).
 
     DiT, GMDiT, DXDiT       diffusers' DiT with ONE shared time + class embedding (the published DiT-mod / GMDiT-V2
                             layout): teacher -> u; students -> piflow.GMPolicy / DXPolicy (piflow's head helpers)
     load_teacher, load_student, save_student    checkpoints with their config; Options, attach: trainer.py
     add_sample_flags, sample_grid               sample.py --model imagenet (PNG grid, or an ADM npz under torchrun)
-    encode_folder, LatentFolder, load_vae       SD-VAE latents:  python sit.py encode --images DIR --out latents/
+    encode_folder, LatentFolder, load_vae       SD-VAE latents:  python -m models.sit encode --images DIR --out latents/
 
-The network time is t_scale * sigma: 1 for REPA and its students, 1000 for GMFlow's FM DiT (recipe §1); the original
+The network time is t_scale * sigma: 1 for REPA and its students, 1000 for GMFlow's FM DiT (num_timesteps of LakonLab configs/piflow_imagenet/*); the original
 SiT (learn-sigma) runs backwards, t = 1 - sigma, v = -u. Checkpoints: a known id (KNOWN), `owner/repo:subfolder`,
 hf://owner/repo/path, a folder with config.json + safetensors (released students, our exports), a file beside its
 config.json, a run's ckpt.pt, or a native SiT/REPA .pt (weights_only=True; others need --trust-checkpoint).
@@ -28,7 +28,7 @@ import piflow
 from runtime import common, metrics, trainer
 
 VAE_ID, HUB, WEIGHTS = "stabilityai/sd-vae-ft-ema", "Lakonik/pi-Flow-ImageNet", "diffusion_pytorch_model.safetensors"
-# Released ids (recipe §9, integration §5.2 + addendum): hub path and the facts their files do not carry.
+# Released ids (hub Lakonik/pi-Flow-ImageNet): hub path and the facts their files do not carry.
 KNOWN = {"repa": dict(path="teachers/repa_imagenet.pth", t_scale=1.0, heads=16),         # SiT-XL/2: 16 x 72
          "flowdit": dict(path="teachers/flowdit_imagenet.pth", t_scale=1000.0, heads=16),
          "gmrepa_k32_imagenet_piid_1step": dict(path="gmrepa_k32_imagenet_piid_1step", t_scale=1.0, nfe=1),
@@ -50,7 +50,7 @@ class _Given(nn.Module):
 
 
 class DiT(DiTTransformer2DModel):
-    """SiT/DiT (Peebles & Xie 2023; Ma et al. 2024) in the published DiT-mod layout (integration §5.1): the stock
+    """SiT/DiT (Peebles & Xie 2023; Ma et al. 2024) in the published DiT-mod layout (LakonLab lakonlab/models/architecture/diffusers/dit.py): the stock
     diffusers DiT whose blocks all read ONE embedding `emb` = time (sin-cos frequency shift 0 as DiT/SiT) + class
     (row num_classes = null; never dropped: CFG passes it). forward(x, t = t_scale sigma, y) -> (B, out, H, W)."""
 
@@ -85,7 +85,7 @@ class DiT(DiTTransformer2DModel):
 
 
 class GMDiT(DiT):
-    """GM student (GMDiTTransformer2DModelV2, recipe §6.1): per token means (p1, p2, K, C) and logits (p1, p2, K)
+    """GM student (GMDiTTransformer2DModelV2, LakonLab .../gmflow/gmdit_v2.py): per token means (p1, p2, K, C) and logits (p1, p2, K)
     -> (B, K, C, H, W) / (B, K, 1, H, W); log s from the MLP on the detached embedding. forward -> GMPolicy."""
 
     def __init__(self, num_gaussians=32, logstd_inner_dim=1024, gm_num_logstd_layers=2, constant_logstd=None,
@@ -108,7 +108,7 @@ class GMDiT(DiT):
 
 
 class DXDiT(DiT):
-    """DX student (§3.1, recipe §6.4): the teacher class with out_channels = N C, per token (p1, p2, N, C); grid
+    """DX student (§3.1; LakonLab .../dxflow/dxdit.py): the teacher class with out_channels = N C, per token (p1, p2, N, C); grid
     index 0 is the low-noise end. segment_size and shift are the training schedule's (with_schedule)."""
 
     def forward(self, x_t, sigma, y):
@@ -129,7 +129,7 @@ def as_teacher(net, convention="u"):
 
 @torch.no_grad()
 def student_from_teacher(teacher, policy, K, N, cfg, generator=None):
-    """The teacher's trunk with its output layer widened into the policy head (App. C.1): GM means = the teacher's
+    """The teacher's trunk with its output layer widened into the policy head (§5.1): GM means = the teacher's
     u + bias noise 0.05 (piflow.init_gm_head); DX grid = N copies of the teacher head, no noise."""
     config, C = {k: v for k, v in teacher.config.items() if k in DIT_KEYS}, teacher.out_channels
     W, b = teacher.proj_out_2.weight.float(), teacher.proj_out_2.bias.float()
@@ -196,7 +196,7 @@ def read_weights(path, what, trust=False):
         raise common.UserError(f"{e}{hint}") from None
 
 
-# native SiT / REPA module names (integration §5.3) -> DiT-mod names (integration §5.4)
+# native SiT / REPA module names (REPA's models/sit.py) -> DiT-mod names (diffusers DiT)
 _NATIVE = {"x_embedder.proj": "pos_embed.proj", "t_embedder.mlp.0": "emb.timestep_embedder.linear_1",
            "t_embedder.mlp.2": "emb.timestep_embedder.linear_2", "final_layer.linear": "proj_out_2",
            "y_embedder.embedding_table": "emb.class_embedder.embedding_table",
@@ -268,7 +268,7 @@ def read(spec, what, trust=False, heads=0):
         raise common.UserError(f"{what}={spec!r} is neither a SiT/REPA nor a DiT-layout checkpoint (first keys: "
                                f"{', '.join(list(sd)[:3])})")
     if config is None and facts["run"] is None:     # a bare file: shapes + known facts; native SiT eps 1e-6
-        pe = facts["pos_embed"]                       # else the published DiT-mod's 1e-5 (integration addendum)
+        pe = facts["pos_embed"]                       # else the published DiT-mod's default 1e-5
         size = int(round(pe.shape[1] ** 0.5)) * sd["pos_embed.proj.weight"].shape[2] if pe is not None else 32
         config = infer_config(sd, heads or KNOWN.get(known, {}).get("heads", 0), what, sample_size=size,
                               norm_eps=1e-6 if facts["native"] else 1e-5)
@@ -368,7 +368,7 @@ def save_student(path, student, state=None, **meta):
 
 
 #################################################################################
-#                     SD-VAE latents (integration §5.5)                         #
+#                  SD-VAE latents (as the official latent cache)                #
 #################################################################################
 
 def load_vae(spec=VAE_ID, device="cpu"):
@@ -437,7 +437,7 @@ class LatentFolder:
     def __init__(self, folder):
         if not os.path.isfile(os.path.join(folder, "meta.json")):
             raise common.UserError(f"--latents={folder!r} is not a latent folder (no meta.json); write one with "
-                                   "`python sit.py encode`")
+                                   "`python -m models.sit encode`")
         with open(os.path.join(folder, "meta.json")) as f:
             self.meta = json.load(f)
         n = self.meta["shards"]
@@ -463,7 +463,7 @@ class Options:
     policy: str = "gm"                  # student policy: gm (K Gaussians per pixel) or dx (N-point x0 grid)
     K: int = 32                         # Gaussians of the GM policy
     N: int = 10                         # grid points of the DX policy
-    latents: str = ""                   # latent folder from `python sit.py encode` (data-dependent training needs it)
+    latents: str = ""                   # latent folder from `python -m models.sit encode` (data-dependent training needs it)
     student_init: str = ""              # start from this student (id, folder, ckpt.pt), not the teacher's heads
     num_heads: int = 0                  # heads of a teacher file without config.json; 0 = hidden size / 72 (SiT)
     t_scale: float = 0.0                # network time = t_scale * sigma; 0 = the checkpoint's (1 REPA, 1000 FM DiT)
@@ -490,7 +490,7 @@ class SiTAttachment(trainer.Attachment):
 
     def __init__(self, opts, cfg, tc, settings, device, dtype):
         if tc.data_dependent and not opts.latents:
-            raise common.UserError("--data-dependent needs --latents: a folder written by `python sit.py encode`")
+            raise common.UserError("--data-dependent needs --latents: a folder written by `python -m models.sit encode`")
         self.data = LatentFolder(opts.latents) if opts.latents else None  # fail fast, before any model
         self.opts, self.settings, self.device, self.dtype = opts, settings, device, dtype
         net, conv = load_teacher(opts)

@@ -1,26 +1,24 @@
-"""Text-to-image π-Flow students on stock diffusers transformers: the per-model table, the student, adapter files.
+"""Text-to-image π-Flow students on stock diffusers transformers: the per-model table, the student, adapter files,
+and the trainer attachment (train_t2i.py). The data side (pipelines, prompt caches, latents) is models/t2i_data.py.
 
     FAMILIES            one row per base model (FLUX.1, FLUX.2, Qwen-Image, SD3 / SD3.5): classes, latent layout,
                         forward call, LoRA targets, text encoding, VAE normalisation, guidance kind
     T2IStudent          student(x_t, sigma, cond) -> policy; teacher(x_t, sigma, cond) -> u (the base, LoRA off)
     KNOWN               the released adapters: hub location and training NFE
     read_adapter, student_from_adapter, write_adapter    the published adapter layout (config.json + safetensors)
-    encode_prompts, make_cond, decode, encode_images     conditioning and latents, with the base pipeline's pieces
+    Options, attach, T2IAttachment                       train_t2i.py's flags and the trainer attachment
 
 The student is the stock diffusers transformer (its own forward, never a copy) with
   * a policy head on the input h (B, L, D) of its proj_out, read by a forward hook (the model's own output is not
-    used, so the head works whatever follows proj_out, e.g. SD3's unpatchify): GM (§3.2, App. C.1): proj_out_means
-    / proj_out_logweights / proj_out_logstds (piflow.add_gm_head), initialised from the teacher's proj_out
-    (piflow.init_gm_head); or DX (§3.1): proj_out widened N times (piflow.init_dx_head);
-  * a peft LoRA named 'piflow' (alpha = r; recipe §6.2-6.4) and a trainable norm_out.
+    used, so the head works whatever follows proj_out, e.g. SD3's unpatchify): GM (§3.2; the heads of the published
+    gmflux.py): proj_out_means / proj_out_logweights / proj_out_logstds (piflow.add_gm_head), initialised from the
+    teacher's proj_out (piflow.init_gm_head); or DX (§3.1): proj_out widened N times (piflow.init_dx_head);
+  * a peft LoRA named 'piflow' (alpha = r, as LakonLab configs/piflux/gmflux_k8_piid_4step_32gpus.py) and a
+    trainable norm_out.
 The teacher is the same module with every LoRA switched off and frozen copies of the original norm_out (and for DX
-proj_out), so the 12-32 B trunk exists once (recipe §4.9). The latent x (B, C, H, W) is what the policy sees; each
-row's call packs it with the diffusers pipeline's own helpers (FluxPipeline._pack_latents, ids, ...).
-
-Caches (prompt embeddings, data latents) are plain tensor files read with torch.load(weights_only=True):
-    prompts [str], model str, max_text_len int, prompt_embeds (P, L, D_txt), + the row's cond_keys (FLUX.1 / SD3:
-    pooled (P, D_pool); Qwen: mask (P, L)), for a CFG teacher negative_<key> (1, ...) of the empty prompt,
-    data-dependent: latents (P, C, H/8, W/8) (normalised VAE latents, recipe §9).
+proj_out), so the 12-32 B trunk exists once (the published tie_teacher, LakonLab lakonlab/models/base_diffusion.py).
+The latent x (B, C, H, W) is what the policy sees; each row's call packs it with the diffusers pipeline's own helpers
+(FluxPipeline._pack_latents, ids, ...).
 """
 import contextlib
 import copy
@@ -59,7 +57,7 @@ def _flux_call(tr, x, sigma, cond):
 
 def _flux2_call(tr, x, sigma, cond):
     """Flux2Transformer2DModel: 2x2-patchified (c, ph, pw) tokens with (t, h, w, l) ids (Flux2Pipeline's helpers).
-    Editing (integration.md Addendum): reference tokens cond['ref_tokens'] (B, Lr, 4C) with their own ids
+    Editing (as diffusers' Flux2Pipeline): reference tokens cond['ref_tokens'] (B, Lr, 4C) with their own ids
     cond['ref_ids'] are appended after the generated tokens; the student keeps the first H W / 4 outputs."""
     from diffusers import Flux2Pipeline as P
     z, txt = P._patchify_latents(x), cond["prompt_embeds"]
@@ -92,7 +90,7 @@ def _linears(tr, suffixes, skip=()):
 
 
 TIME = (".timestep_embedder.linear_1", ".timestep_embedder.linear_2")
-# Published FLUX targets (recipe §6.2): feed-forwards + the single blocks' fused proj_out; Qwen (§6.3): the last
+# Published FLUX targets (LakonLab configs/piflux/*): feed-forwards + the single blocks' fused proj_out; Qwen (configs/piqwen/*): the last
 # block's txt_mlp output is unused, so it is left out. FLUX.2 / SD3 (ours): the same modules in their naming.
 _flux_lora = lambda tr: _linears(tr, (".proj_mlp", ".proj_out", ".ff.net.0.proj", ".ff.net.2", ".ff_context.net.0.proj",
                                       ".ff_context.net.2") + TIME)
@@ -116,7 +114,7 @@ def _flux2_encode(pipe, prompts, device, max_len):
 
 
 def _qwen_encode(pipe, prompts, device, max_len):
-    """Qwen2.5-VL embeddings zero-padded to max_len with their mask (recipe §9)."""
+    """Qwen2.5-VL embeddings zero-padded to max_len with their mask, as the published Qwen-Image training pads them."""
     e, m = pipe.encode_prompt(prompts, device=device, max_sequence_length=max_len)
     m = torch.ones(e.shape[:2], dtype=torch.long, device=e.device) if m is None else m.long()
     return {"prompt_embeds": F.pad(e, (0, 0, 0, max_len - e.shape[1])), "mask": F.pad(m, (0, max_len - e.shape[1]))}
@@ -160,7 +158,7 @@ class Family:
     dx_class: str
     adapter: Optional[str]     # default adapter of sample.py (a KNOWN id), None: no released one
     guidance: str              # 'distilled': a model input of teacher and student; 'cfg': teacher CFG (negative)
-    guidance_scale: Optional[float]  # distilled: the scale the released adapters need (recipe §4.8)
+    guidance_scale: Optional[float]  # distilled: the scale the released adapters need (LakonLab README)
     cond_keys: Tuple[str, ...]  # cache tensors besides prompt_embeds that the transformer takes
     channels: int              # latent channels C
     patch: int                 # p: p x p latent pixels per token
@@ -169,7 +167,7 @@ class Family:
     max_text_len: int          # text tokens of the base pipeline
     video_vae: bool            # the VAE takes (B, C, T, H, W)
     call: Callable             # call(tr, x (B, C, H, W), sigma (B,), cond) -> the transformer's output
-    lora: Callable             # lora(tr) -> LoRA target names (integration.md §3.2)
+    lora: Callable             # lora(tr) -> LoRA target names
     encode: Callable           # encode(pipe, prompts, device, max_len) -> {name: (n, ...) tensor}
     normalise: Callable        # normalise(vae, z, inverse=False): VAE latent <-> normalised latent
 
@@ -199,8 +197,8 @@ FAMILIES = {
                   cond_keys=("pooled",), channels=16, patch=2, channel_last=True, logweights=4, max_text_len=256,
                   video_vae=False, call=_sd3_call, lora=_sd3_lora, encode=_sd3_encode, normalise=_shift_scale),
 }
-PUBLISHED = dict(shift=3.2, final_step_scale=0.5)   # schedule of every released adapter (recipe §8)
-# Released adapters (recipe §9, integration.md Addendum): id (= hub subfolder) -> (hub repo, model, training NFE)
+PUBLISHED = dict(shift=3.2, final_step_scale=0.5)   # schedule of every released adapter (Table 9)
+# Released adapters (hub Lakonik/pi-FLUX.1, pi-Qwen-Image, pi-FLUX.2): id (= hub subfolder) -> (hub repo, model, training NFE)
 KNOWN = {"gmflux_k8_piid_4step": ("Lakonik/pi-FLUX.1", "flux", 4),
          "gmflux_k8_datafree_piid_4step": ("Lakonik/pi-FLUX.1", "flux", 4),
          "gmflux_k8_piid_8step": ("Lakonik/pi-FLUX.1", "flux", 8),
@@ -217,7 +215,7 @@ KNOWN = {"gmflux_k8_piid_4step": ("Lakonik/pi-FLUX.1", "flux", 4),
 
 @dataclass(frozen=True)
 class Head:
-    """A student's policy head, as an adapter's config.json describes it (integration.md Addendum)."""
+    """A student's policy head, as a released adapter's config.json describes it."""
     policy: str = "gm"                      # gm | dx
     K: int = 8                              # num_gaussians
     N: int = 10                             # DX grid points
@@ -259,7 +257,7 @@ class T2IStudent(nn.Module):
             tr.proj_out = nn.Linear(D, head.N * S * C).to(lin.weight.device)
             if init:
                 piflow.init_dx_head(tr.proj_out, W, b, head.N, C, fam.channel_last)
-            self.policy_config = dict(dx_policy, type="DX")       # segment_size, shift (recipe §3)
+            self.policy_config = dict(dx_policy, type="DX")       # segment_size, shift (piflow_policies/dx.py)
         self.tr, self._teacher, self._temb, self._h, self._out = tr, False, None, None, None
         tr.norm_out.register_forward_pre_hook(self._grab_temb)
         tr.norm_out.register_forward_hook(lambda m, args, out: self.teacher_norm_out(*args) if self._teacher else None)
@@ -478,7 +476,7 @@ def student_from_adapter(model, tr, spec, flag, dtype, dropout=0.0, adapter=None
 
 
 def adapter_config(student):
-    """config.json of the student class as the official exporter writes it (integration.md §6.1-6.3)."""
+    """config.json of the student class as the official exporter writes it (LakonLab tools/export_piflow_to_diffusers.py)."""
     fam, hd = student.fam, student.head
     c = json.loads(json.dumps({k: v for k, v in student.tr.config.items() if not k.startswith("_")}, default=list))
     S = fam.patch ** 2 * fam.channels
@@ -522,7 +520,7 @@ class Options:
     embed_cache: Optional[str] = None  # embeddings (+ latents) cache file; None = <prompts>.<model>.pt next to them
     max_text_len: Optional[int] = None  # text tokens; None = the base pipeline's (512; SD3: 256)
     resolution: int = 1024             # training image size (a multiple of 16)
-    grad_checkpointing: bool = True    # gradient checkpointing of the transformer blocks (recipe §4.9)
+    grad_checkpointing: bool = True    # gradient checkpointing of the transformer blocks (all published configs)
     eval_clip: Optional[str] = None    # CLIP model (hub id or folder) for a CLIP score at every --eval-every
     eval_prompts: int = 8              # prompts (the first cached ones) of that CLIP score
 
@@ -648,7 +646,7 @@ def attach(opts, cfg, tc, settings, device, dtype):
             student.policy_config.update(piflow.dx_grid(cfg))
     else:
         student = new_student(opts, cfg, tr, dtype)
-    for p in student.trainable(train=True).values():                      # fp32 masters (recipe §4.10)
+    for p in student.trainable(train=True).values():                      # fp32 masters (the published flex_freeze)
         p.data = p.data.float()
     if opts.grad_checkpointing:
         tr.enable_gradient_checkpointing()

@@ -112,7 +112,7 @@ def decode(fam, vae, x):
 
 
 def encode_images(fam, vae, x):
-    """Images (B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/8, W/8) (the VAE's mode, recipe §9)."""
+    """Images (B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/8, W/8) (the VAE's mode)."""
     x = x.to(vae.dtype)
     z = vae.encode(x[:, :, None] if fam.video_vae else x).latent_dist.mode()
     return fam.normalise(vae, (z[:, :, 0] if fam.video_vae else z).float())

@@ -2,9 +2,9 @@
 it, students initialised from that teacher as in the paper, metrics, and the trainer attachment.
 
     python sample.py --nfe 4             # the shipped 4-NFE student (assets/toy_gm_k8_nfe4.pt): seconds on a CPU
-    python toy.py teacher                # retrain the shipped teacher network (assets/toy_teacher.pt)
-    python toy_lab.py --quick           # the claims table: smoke run, about 1 min on 2 cores
-    python toy_lab.py                    # the claims table, 3 seeds per row (see the README for the wall time)
+    python -m models.toy teacher             # retrain the shipped teacher network (assets/toy_teacher.pt)
+    python -m labs.toy_lab --quick      # the claims table: smoke run, about 1 min on 2 cores
+    python -m labs.toy_lab               # the claims table, 3 seeds per row (see the README for the wall time)
 
 Data: x0 (1, 8, 8) images. Each of 10 classes is a mixture of 4 prototype images (smooth random patterns in
 [-1, 1], fixed by a seed in code) with within-class weights 0.4/0.3/0.2/0.1 and per-pixel noise std 0.1.
@@ -12,7 +12,7 @@ So p(x0 | c) is a GM over the whole flattened image and its velocity E[eps - x0 
 the GM posterior of piflow.GMPolicy.from_x0 with sigma_src = 1. The exact GM is the ground truth of the metrics.
 
 Teacher: ToyNet, a 0.9 M-parameter adaLN MLP regressed onto the exact velocity (the minimiser of the flow
-matching loss, Eq. 2), with a null class for CFG. Students are the paper's (§5.2, App. C.1): the teacher
+matching loss, Eq. 2), with a null class for CFG. Students are the paper's (§5.1): the teacher
 network with its output layer widened into a policy head and initialised from it, then fine-tuned by π-ID.
 """
 import argparse
@@ -133,7 +133,7 @@ def teacher_rk4(teacher, noise, cond=None, steps=64):
 
 
 #################################################################################
-#        The teacher network, and students built from it (§5.2, App. C.1)       #
+#          The teacher network, and students built from it (§5.1)            #
 #################################################################################
 
 def timestep_embedding(sigma, dim, dtype=torch.float32):
@@ -191,7 +191,7 @@ class ToyNet(nn.Module):
         return self.proj_out(self.features(x_t, sigma, cond)[0]).view_as(x_t).to(x_t.dtype)
 
 
-# The shipped teacher's recipe (python toy.py teacher): regression onto the exact velocity at x_t from forward
+# The shipped teacher's recipe (python -m models.toy teacher): regression onto the exact velocity at x_t from forward
 # diffusion of exact data, sigma ~ U(0, 1] with 20 % of draws cubed (more weight near the data), 1 in 11 labels
 # the null class (its data: a random class). CPU: 137 s on one thread.
 TEACHER_RECIPE = dict(width=192, depth=3, steps=4000, batch=256, lr=2e-3, seed=0)
@@ -276,11 +276,11 @@ class ToyStudent(ToyNet):
     """G_phi(x_t, sigma, c) -> policy: the teacher network with its output layer widened into a policy head.
 
     With `teacher` (a ToyNet of the same width/depth) every weight starts as the teacher's and the head from its
-    output layer (App. C.1): GM means = proj_out repeated K times + N(0, 0.05^2) bias noise, uniform weights,
+    output layer (§5.1; piflow section 8): GM means = proj_out repeated K times + N(0, 0.05^2) bias noise, uniform weights,
     s = 0.05, so at step 0 the policy's velocity at (x_src, sigma_src) is the teacher's up to the bias noise;
     DX: N identical copies (the policy velocity at x_src is exactly the teacher's); shortcut: proj_out itself.
     Without a teacher: random body, zero head weights (GM bias noise 0.1), as the published code without one.
-    GM head: a K-GM per pixel (C = 1 channel: the one-channel toy's pixel-wise factorisation, App. C.1), means
+    GM head: a K-GM per pixel (C = 1 channel: the one-channel toy's pixel-wise factorisation, §C.1), means
     (B, K, 1, 8, 8), logweights (B, K, 1, 8, 8); logstds from the detached embedding (piflow.add_gm_head).
     """
 

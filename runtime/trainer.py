@@ -1,15 +1,11 @@
 """The one π-ID training loop (paper Alg. 2 data-dependent / Alg. 3 data-free) and its checkpoints.
 
-Every model plugs in as an *attachment* (toy.py, sit.py, t2i.py); this file never knows which model it trains:
-
-    student       nn.Module, student(x_t, sigma, cond) -> policy (piflow.GMPolicy / DXPolicy)
-    teacher       teacher(x_t, sigma, cond) -> u, guidance already applied
-    noise_shape   (C, H, W) of one sample
-    sharded       True: FSDP2 over ranks (shard(mesh) wraps the model); False: replicated, gradients all-reduced
-    trainable()   {name: parameter} that the optimizer trains (all of them, or LoRA + heads)
-    sample_cond(n, g), sample_data(n, g) -> (x0, cond)   conditions / data, drawn from the generator g
-    optional: loss(step, g, n, backward) (a non-π-ID baseline), evaluate(student) -> dict, export(path, state),
-              shard(mesh), autocast (bool)
+    train(build, cfg, tc, settings, rc)    build(device, dtype) -> Attachment; cfg piflow.PiIDConfig, tc TrainConfig,
+                                           rc RunConfig (out folder, resume, export, cadences); -> (att, EMA tensors)
+    Attachment                             what a model gives the loop (models/toy.py, sit.py, t2i.py subclass it)
+    PRESETS                                named rows of the paper's Tables 8 and 9
+    parse, main                            the command lines of train_imagenet.py / train_t2i.py (flags from the
+                                           dataclasses)
 
 Micro-batch i of step s draws all its randomness from its own generator seeded by (seed, s, i) and ranks take
 disjoint micro-batches, so 1 or N processes (and a resumed run) compute the same gradients up to float summation

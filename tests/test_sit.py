@@ -120,7 +120,7 @@ class RefSiT(nn.Module):
 
 def stock_dit(config, dit_sd):
     """Stock diffusers DiTTransformer2DModel holding DiT-mod weights: the shared emb copied into every block, each
-    block's time projection at frequency shift 0 (DiT/SiT; integration §5.4)."""
+    block's time projection at frequency shift 0 (DiT/SiT)."""
     from diffusers import DiTTransformer2DModel
     m = DiTTransformer2DModel(**config).eval()
     sd = {k: v for k, v in dit_sd.items() if not k.startswith("emb.")}
@@ -133,7 +133,7 @@ def stock_dit(config, dit_sd):
 
 def dit_mod_weights(config, seed, K=None, inner=16):
     """Random weights in the published DiT-mod layout, made from a stock diffusers DiT: block 0's embedding becomes
-    the shared emb.*, the other copies go; with K, proj_out_2 gives way to the GMDiT-V2 heads (recipe §6.1)."""
+    the shared emb.*, the other copies go; with K, proj_out_2 gives way to the GMDiT-V2 heads (gmdit_v2.py)."""
     from diffusers import DiTTransformer2DModel
     m = randomize(DiTTransformer2DModel(**config), seed)
     sd = {("emb." + k.split(".norm1.emb.")[1] if ".norm1.emb." in k else k): v.clone()
@@ -333,7 +333,7 @@ def test_logstd_head_reads_the_detached_embedding():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. Student heads initialised from the teacher (App. C.1); the DX grid span
+# 2. Student heads initialised from the teacher (§5.1); the DX grid span
 # ----------------------------------------------------------------------------------------------------------
 
 def test_students_start_as_the_teacher(tmp_path):

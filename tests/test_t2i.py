@@ -180,7 +180,7 @@ def cond_of(model, c, idx, guidance=None):
 
 
 def pack(x):
-    """(B, C, H, W) -> (B, h w, 4 C) with channel c*4 + ph*2 + pw (integration.md §2.2), written as loops."""
+    """(B, C, H, W) -> (B, h w, 4 C) with channel c*4 + ph*2 + pw (FluxPipeline._pack_latents), written as loops."""
     B, C, H, W = x.shape
     out = torch.empty(B, (H // 2) * (W // 2), 4 * C)
     for i in range(H // 2):
@@ -332,7 +332,7 @@ LORA_TARGETS = {
 @pytest.mark.parametrize("model,policy", [("flux", "gm"), ("flux", "dx"), ("flux2", "gm"), ("qwen", "gm"),
                                           ("sd3", "dx")])
 def test_lora_targets_and_published_names(model, policy):
-    """The published LoRA targets (integration.md §3.2; FLUX.2 / SD3: the same modules in their naming) with
+    """The published LoRA targets (LakonLab configs; FLUX.2 / SD3: the same modules in their naming) with
     alpha = r, named 'piflow'; trainables under the published names."""
     s = student(model, tiny_transformer(model), policy, K=2, N=3, rank=4)
     wrapped = {n for n, m in s.tr.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
@@ -522,7 +522,7 @@ def write_released_adapter(folder, model, policy="gm", K=2, N=3, inner=1024, lay
             for i in range(layers):
                 t[f"proj_out_logstds.{2 * i + 1}.weight"], t[f"proj_out_logstds.{2 * i + 1}.bias"] = \
                     r(dims[i + 1], dims[i]), r(dims[i + 1])
-    else:                                        # DX: the stock class with widened out_channels (integration §6.3)
+    else:                                        # DX: the stock class with widened out_channels (the published dxflux.py)
         cfg.update(_class_name=fam.transformer, patch_size=1, out_channels=N * S * C)
         t.update({"proj_out.weight": r(N * S * C, D), "proj_out.bias": r(N * S * C)})
     for name in fam.lora(tr) if rank else []:

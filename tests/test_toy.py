@@ -102,7 +102,7 @@ def test_teacher_network_fits_the_exact_velocity_and_its_ode():
 
 
 def test_teacher_initialised_students_start_at_the_teacher_velocity():
-    """App. C.1: at step 0 the GM policy's velocity at (x_src, sigma_src) = the mean of its K initial means = the
+    """§5.1 / piflow.init_gm_head: at step 0 the GM policy's velocity at (x_src, sigma_src) = the mean of its K initial means = the
     teacher's u + the mean bias noise (std 0.05 / sqrt(K)); DX and shortcut students reproduce u exactly."""
     g = torch.Generator().manual_seed(0)
     x, sigma, cond = torch.randn((6,) + toy.IMG, generator=g), torch.rand(6, generator=g) * 0.9 + 0.1, torch.arange(6)

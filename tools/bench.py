@@ -6,8 +6,8 @@
         queries, backward, and the rest (detached rollouts, posterior, loss): the non-network share of the step.
     (3) GM posterior throughput in GB/s of the (B, K, C, H, W) means tensor, against the memory bandwidth.
 
-    python bench.py            # full sizes (K=32, C=4, 32x32, batch 16 and 64, SiT-XL/2): meant for a GPU
-    python bench.py --small    # small shapes and a small network: CPU, well under a minute
+    python -m tools.bench           # full sizes (K=32, C=4, 32x32, batch 16 and 64, SiT-XL/2): meant for a GPU
+    python -m tools.bench --small   # small shapes and a small network: CPU, well under a minute
 Medians over --repeats timed calls after --warmup calls; CUDA events on GPU.
 """
 import argparse

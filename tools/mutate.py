@@ -1,8 +1,8 @@
 """Mutation testing of the core algorithm (piflow.py) with mutmut: a developer command, not part of CI.
 
     pip install mutmut==3.8.1              # developer tool only, not in requirements.txt
-    python mutate.py                       # all 1865 mutants: ~12 min on 2 cores; runs/mutation/survivors.md
-    python mutate.py 'piflow.x_sample__*'  # only some (mutmut names or globs), e.g. after adding a test
+    python -m tools.mutate                 # all 1865 mutants: ~12 min on 2 cores; runs/mutation/survivors.md
+    python -m tools.mutate 'piflow.x_sample__*'  # only some (mutmut names or globs), e.g. after adding a test
 
 mutmut plants one small change at a time in piflow.py (an operator, a constant, a dropped argument, ...) and
 runs the core tests that reach the changed function; a mutant no test notices "survives". It all happens in a
