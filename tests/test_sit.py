@@ -21,6 +21,7 @@ import piflow
 import sample
 from models import sit
 import train_imagenet
+from roundoff import assert_quantised, grey
 
 torch.set_num_threads(1)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -290,7 +291,8 @@ def test_released_student_folder_loads_from_the_folder_alone(tmp_path, capsys):
     # constant_logstd: no logstd MLP, log s fixed
     const = sit.build(dict(cfg, constant_logstd=-2.0), {k: v for k, v in sd.items() if "logstds" not in k}, "t")
     with torch.no_grad():
-        assert torch.equal(const(x, sigma, y).var_x.reshape(-1), math.exp(-4.0) * sigma ** 2)
+        torch.testing.assert_close(const(x, sigma, y).var_x.reshape(-1), math.exp(-4.0) * sigma ** 2, rtol=1e-6,
+                                   atol=0)                     # torch's exp vs libm's: a few float32 ulps
     # norm_eps is read (a large value makes it visible), not assumed
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(dict(cfg, norm_eps=0.25), f)
@@ -376,16 +378,20 @@ def tiny_vae(path):
 
 
 def recompute(student, vae, indices, labels, seed, nfe, substeps):
-    """The images sample.py must give: noise of sample i = randn(seed * 2^32 + i), piflow.sample, VAE decode."""
+    """The images sample.py must give, as float grey levels (n, H, W, 3) before rounding: noise of sample i =
+    randn(seed * 2^32 + i), piflow.sample, VAE decode, (clamp(x, -1, 1) + 1) 127.5 (roundoff.grey)."""
     noise = torch.stack([torch.randn(C, S, S, generator=torch.Generator().manual_seed(seed * 2 ** 32 + i))
                          for i in indices])
     with torch.no_grad():
         z = piflow.sample(student, noise, torch.as_tensor(labels), nfe, total_substeps=substeps)
         x = vae.decode(z / vae.config.scaling_factor).sample
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return grey(x.permute(0, 2, 3, 1))
 
 
-def test_sample_grid_and_npz_recomputed_exactly(tmp_path):
+def test_sample_grid_and_npz_recomputed(tmp_path):
+    """sample.py --model imagenet: the grid images, the --npz (1 process) and the --npz of 2 torchrun ranks are each
+    the rounding of the recomputed float images (roundoff.assert_quantised: other batch splits and processes are other
+    float paths); the PNG is save_grid of the returned images, pixel for pixel."""
     from PIL import Image
     folder, _, _ = released_student(tmp_path / "gmrepa_k32_imagenet_piid_2step")
     vae = tiny_vae(str(tmp_path / "vae"))
@@ -396,15 +402,17 @@ def test_sample_grid_and_npz_recomputed_exactly(tmp_path):
     png = str(tmp_path / "grid.png")
     res = sample.main(base + ["--class-labels", "7", "2", "--per-class", "2", "--out", png])
     ref = recompute(student, vae, range(4), [7, 7, 2, 2], 3, 2, 8)
-    assert res["nfe"] == 2 and np.array_equal(np.stack(res["images"]), ref)
-    expect = str(tmp_path / "expect.png")
-    common.save_grid([list(ref[:2]), list(ref[2:])], expect, ["class 7", "class 2"], None, res["title"])
+    assert res["nfe"] == 2
+    assert_quantised(np.stack(res["images"]), ref, what="grid")
+    expect, imgs = str(tmp_path / "expect.png"), res["images"]
+    common.save_grid([list(imgs[:2]), list(imgs[2:])], expect, ["class 7", "class 2"], None, res["title"])
     assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(expect)))
     npz = str(tmp_path / "s.npz")
     sample.main(base + ["--nfe", "1", "--num-samples", "5", "--npz", npz])
     arr = np.load(npz)["arr_0"]
     assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8
-    assert np.array_equal(arr, recompute(student, vae, range(5), np.arange(5) % NCLS, 3, 1, 8))
+    ref = recompute(student, vae, range(5), np.arange(5) % NCLS, 3, 1, 8)
+    assert_quantised(arr, ref, what="npz")
     assert not [f for f in os.listdir(tmp_path) if ".part" in f]
     npz2 = str(tmp_path / "ddp.npz")                                    # 2 ranks, contiguous blocks, same file
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -412,7 +420,8 @@ def test_sample_grid_and_npz_recomputed_exactly(tmp_path):
                        cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert np.array_equal(np.load(npz2)["arr_0"], arr) and not [f for f in os.listdir(tmp_path) if ".part" in f]
+    assert_quantised(np.load(npz2)["arr_0"], ref, what="torchrun npz")
+    assert not [f for f in os.listdir(tmp_path) if ".part" in f]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -517,7 +526,11 @@ def test_data_dependent_training_on_a_latent_folder(tmp_path):
         assert len(j) == 1 and yi.item() == (0 if j[0] < 3 else 1)
     a, b = ckpt(runs[0]), ckpt(runs[1])
     assert a["step"] == 2 and a["settings"]["data_dependent"]
-    assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])  # recomputation: same steps
+    # recomputation: the same steps, to round-off (autograd accumulates in another graph order): weights and both
+    # Adam moments as in the torchrun test
+    assert max(maxdiff(a["student"][k], b["student"][k]) for k in a["student"]) < 1e-6
+    assert all(maxdiff(x, y) <= 1e-5 * y.abs().max().item() for m, n in zip(adam_moments(a), adam_moments(b))
+               for x, y in zip(m, n))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -564,6 +577,8 @@ def test_hub_ids_and_specs(tmp_path, monkeypatch, capsys):
     assert "\n" not in str(e.value) and all(local for *_, local in calls)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     import socket
+    from huggingface_hub import constants                 # read at import: test_t2i.py may have set it before
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
     def no_dns(*a, **k):
         raise OSError("Name or service not known")
