@@ -270,6 +270,29 @@ def test_teacher_and_gm_student_match_stock_diffusers(tmp_path):
     assert d_teacher < 1e-5 and max(d) < 1e-5
 
 
+def test_training_teacher_guidance_against_two_stock_runs(tmp_path):
+    """The training teacher of --teacher sit with --guidance 3 --guidance-interval 0.3 0.6: u = u_null + w (u_cond -
+    u_null) from two runs of the stock diffusers DiT, the unconditional one with the null label num_classes (the
+    class embedding's extra row); w = 3 inside the interval, boundaries included, else 1 (the conditional u)."""
+    from runtime import trainer
+    folder = teacher_folder(tmp_path)
+    tc = trainer.TrainConfig(guidance=3.0, guidance_interval=(0.3, 0.6))
+    att = sit.attach(sit.Options(teacher_ckpt=folder), piflow.PiIDConfig(), tc, {}, torch.device("cpu"))
+    assert att.num_classes == NCLS
+    stock = stock_dit(CONFIG, dit_mod_weights(CONFIG, 0))
+    sigma = torch.tensor([0.1, 0.3, 0.45, 0.6, 0.9])                  # below, both boundaries, inside, above
+    x, y = torch.randn(5, C, S, S, generator=torch.Generator().manual_seed(3)), torch.tensor([0, 3, 9, 1, 7])
+    with torch.no_grad():
+        u_cond = stock(x, timestep=sigma, class_labels=y).sample           # t_scale 1: t = sigma
+        u_null = stock(x, timestep=sigma, class_labels=torch.full((5,), NCLS)).sample
+        u_other = stock(x, timestep=sigma, class_labels=torch.zeros(5, dtype=torch.long)).sample
+        u = att.teacher(x, sigma, y)
+    w = torch.tensor([1.0, 3.0, 3.0, 3.0, 1.0])[:, None, None, None]
+    torch.testing.assert_close(u, u_null + w * (u_cond - u_null), rtol=1e-5, atol=1e-5)
+    wrong = u_other + w * (u_cond - u_other)                        # class 0 standing in for the null label
+    assert maxdiff(u[1:4], wrong[1:4]) > 100 * 1e-5 and maxdiff(u_cond[1:4], u[1:4]) > 100 * 1e-5
+
+
 def test_released_student_folder_loads_from_the_folder_alone(tmp_path, capsys):
     """A released GMDiT-V2 folder with non-default config values; its name gives t_scale 1000 (gmdit, FM DiT) and
     1 NFE. The policy equals an independent forward of the same weights with diffusers' classes."""

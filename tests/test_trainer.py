@@ -428,3 +428,93 @@ def test_every_command_shows_its_models_own_options(capsys):
             main([select, choice, "--help"])
         text = capsys.readouterr().out
         assert f"{select} {choice}" in text and flag in text and "--max-skips" in text and "--gm-dropout" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop's own behaviour, against hand-written ground truth: a model whose gradient is known exactly
+# ------------------------------------------------------------------------------------------------
+
+A = torch.tensor([[1.0, -2.0, 2.0, 4.0]])              # d loss / d w: |A| = 5 exactly
+
+
+class KnownGradient(trainer.Attachment):
+    """student w (1 x 4, starts at 0); loss = 1000 + <w, A> (positive, so the guard's median test never fires):
+    the gradient is A at every step, whatever w is."""
+
+    def __init__(self):
+        self.student = torch.nn.Linear(4, 1, bias=False)
+        with torch.no_grad():
+            self.student.weight.zero_()
+        self.teacher, self.noise_shape = None, (1, 1, 1)
+
+    def loss(self, step, g, n, backward):
+        loss = 1000 + (self.student.weight * A).sum()
+        backward(loss)
+        return loss.detach()
+
+
+def run_known(tmp_path, monkeypatch, **tc):
+    """train() on KnownGradient; records, at every optimizer step, (lr, grad, w before the step) read from the
+    optimizer the trainer built. -> (records, final checkpoint)."""
+    made, records = [], []
+    real = trainer.make_optimizer
+
+    def make(params, tc_, say):
+        opt = real(params, tc_, say)
+        opt.register_step_pre_hook(lambda o, args, kw: records.append((
+            o.param_groups[0]["lr"], o.param_groups[0]["params"][0].grad.clone(),
+            o.param_groups[0]["params"][0].detach().clone())))
+        made.append(opt)
+        return opt
+    monkeypatch.setattr(trainer, "make_optimizer", make)
+    rc = trainer.RunConfig(out=str(tmp_path / "known"), log_every=0, ckpt_every=0, eval_every=0, progress=False)
+    trainer.train(lambda device, dtype: KnownGradient(), piflow.PiIDConfig(), trainer.TrainConfig(batch_size=1, **tc),
+                  {}, rc)
+    assert len(made) == 1
+    return records, ckpt(rc.out)
+
+
+def test_gradient_clipping_starts_at_clip_start(tmp_path, monkeypatch):
+    """Before clip_start the optimizer gets the raw gradient A (norm 5 > grad_clip); from clip_start on, A scaled to
+    norm grad_clip (torch's clip_grad_norm_: factor grad_clip / (|g| + 1e-6)). AdamW's moments (which a constant
+    gradient scale does not hide) equal the hand recursion over those gradients."""
+    recs, ck = run_known(tmp_path, monkeypatch, steps=4, clip_start=2, grad_clip=0.5, warmup=0, lr=1e-3)
+    want = [A, A, A * 0.5 / (5 + 1e-6), A * 0.5 / (5 + 1e-6)]
+    for s, ((_, grad, _), g) in enumerate(zip(recs, want)):
+        torch.testing.assert_close(grad, g, rtol=1e-6, atol=0, msg=f"step {s}")
+    assert float(recs[2][1].norm()) <= 0.5
+    m = v = torch.zeros(1, 4, dtype=torch.float64)
+    for g in want:                                      # AdamW, betas (0.9, 0.95)
+        m, v = 0.9 * m + 0.1 * g.double(), 0.95 * v + 0.05 * g.double() ** 2
+    state = ck["opt"]["state"]["weight"]
+    torch.testing.assert_close(state["exp_avg"].double(), m, rtol=1e-6, atol=0)
+    torch.testing.assert_close(state["exp_avg_sq"].double(), v, rtol=1e-6, atol=0)
+
+
+def test_learning_rate_warmup_and_cosine_by_hand(tmp_path, monkeypatch):
+    """lr 1e-2, warm-up 4 steps from 0.001 lr, cosine to 0 at step 10: the optimizer's lr at each step equals the
+    values written out here, and the weights move by exactly that lr (AdamW with a constant gradient: the update
+    is lr * g / (|g| + eps) = lr * sign(g), from the first step on, bias correction included)."""
+    recs, ck = run_known(tmp_path, monkeypatch, steps=10, warmup=4, cosine=True, lr=1e-2, grad_clip=100.0)
+    # warm-up: lr (0.001 + 0.999 s / 4); then 0.5 lr (1 + cos(pi (s - 4) / 6))
+    want = {0: 1e-5, 1: 2.5075e-3, 2: 5.005e-3, 3: 7.5025e-3, 4: 1e-2, 5: 9.330127019e-3, 7: 5e-3,
+            8: 2.5e-3, 9: 6.698729811e-4}
+    lrs = [lr for lr, _, _ in recs]
+    assert len(lrs) == 10
+    for s, lr in want.items():
+        assert lr == pytest.approx(lrs[s], rel=1e-9), (s, lrs[s], lr)
+    ws = [w for _, _, w in recs] + [ck["student"]["weight"]]
+    for s in range(10):
+        torch.testing.assert_close(ws[s + 1] - ws[s], -lrs[s] * torch.sign(A), rtol=2e-3, atol=0, msg=f"step {s}")
+
+
+def test_ema_decay_as_applied(tmp_path, monkeypatch):
+    """EMA power gamma = 1 from ema_start = 1: beta = 0 (a copy) at steps 0 and 1, then (1 - 1 / (s + 1 - 1))^2:
+    1/4, 4/9, 9/16 at steps 2, 3, 4, applied to the weights after each step's update."""
+    recs, ck = run_known(tmp_path, monkeypatch, steps=5, warmup=0, lr=1e-2, ema_start=1, ema_gamma=1.0)
+    after = [w for _, _, w in recs[1:]] + [ck["student"]["weight"]]          # weights after steps 0 .. 4
+    ema = None
+    for w, beta in zip(after, [0.0, 0.0, 1 / 4, 4 / 9, 9 / 16]):
+        ema = w.double() if ema is None else beta * ema + (1 - beta) * w.double()
+    torch.testing.assert_close(ck["ema"]["weight"].double(), ema, rtol=1e-6, atol=0)
+    assert float((ck["ema"]["weight"] - ck["student"]["weight"]).abs().min()) > 1e-3      # it is not a copy
