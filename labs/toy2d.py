@@ -241,6 +241,7 @@ def lab2d(out_png=ASSET, run_dir="runs/toy2d", steps=500, n_points=2000, log=pri
     ref_paths = list(euler_path(teacher, starts, 256)[0].transpose(0, 1))
 
     def panel(name, nfe, x, path, calls):
+        common.check_finite_output(x, f"{name} samples at NFE {nfe}")
         m = (toy.teacher_alignment(x, ref), hit_rate(x))
         table.append(f"| {name} | {nfe} | {m[0]:.4f} | {m[1]:.3f} |")
         log(table[-1])
@@ -289,14 +290,24 @@ def lab2d(out_png=ASSET, run_dir="runs/toy2d", steps=500, n_points=2000, log=pri
 
 
 def load_factory(spec):
-    """'module:function' -> the teacher the function returns (an nn.Module)."""
+    """'module:function' -> the teacher the function returns (an nn.Module). Whatever goes wrong in the user's
+    factory is one UserError naming --teacher."""
     mod, _, fn = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(mod), fn)
     except (ImportError, AttributeError, ValueError) as e:
         raise common.UserError(f"--teacher={spec!r} cannot be imported ({type(e).__name__}: {e}); expected "
                                "module:function returning the teacher network") from None
-    return factory().eval().requires_grad_(False)
+    if not callable(factory):
+        raise common.UserError(f"--teacher={spec!r} is a {type(factory).__name__}, not a function; expected "
+                               "module:function returning the teacher network")
+    try:
+        teacher = factory()
+    except Exception as e:  # noqa: BLE001 - the user's code: any failure is reported in one line
+        raise common.UserError(f"--teacher={spec!r} failed: {type(e).__name__}: {common.first_line(e)}") from None
+    if not isinstance(teacher, nn.Module):
+        raise common.UserError(f"--teacher={spec!r} returned a {type(teacher).__name__}; expected an nn.Module")
+    return teacher.eval().requires_grad_(False)
 
 
 def main(argv=None):

@@ -377,11 +377,9 @@ def adapter_file(spec, filename, flag):
 
 def adapter_head(spec, model, flag):
     """The Head an adapter's config.json describes; refuses an unknown class or another model's adapter."""
-    with open(adapter_file(spec, "config.json", flag)) as f:
-        try:
-            c = json.load(f)
-        except json.JSONDecodeError:
-            raise common.UserError(f"{flag}={spec!r}: config.json is not JSON") from None
+    c = common.read_json(adapter_file(spec, "config.json", flag), f"{flag}={spec!r}")
+    if not isinstance(c, dict):
+        raise common.UserError(f"{flag}={spec!r}: config.json is not a JSON object")
     name = c.get("_class_name")
     kinds = {f.gm_class: (m, "gm") for m, f in FAMILIES.items()}
     kinds.update({k: (m, "dx") for m, f in FAMILIES.items() for k in (f.dx_class, f.transformer)})

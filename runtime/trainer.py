@@ -350,6 +350,9 @@ class Training:
             (torch.bfloat16 if run.device.type == "cuda" else torch.float32)
         self.att = att = build(run.device, dtype)
         att.student.piid_config = cfg                        # the sampler keeps the training schedule
+        flag = "--micro-batch" if tc.micro_batch else "--batch-size"          # noise + a few states per sample
+        common.check_memory(4 * micro * math.prod(att.noise_shape) * torch.finfo(dtype).bits // 8, flag,
+                            tc.micro_batch or tc.batch_size, f"the states of one micro-batch of {micro}")
         self.sharded = world > 1 and att.sharded
         if self.sharded:
             from torch.distributed.device_mesh import init_device_mesh
@@ -413,10 +416,13 @@ class Training:
                  "ema": full_tensors(self.ema), "opt": optimizer_state(self.opt, att.student),
                  "recent_losses": list(self.recent)}
         if run.rank == 0:
-            common.check_finite(state["student"], "checkpoint")
-            common.check_finite(state["ema"], "checkpoint EMA")
-            if run.rc.export and att.export is not None:          # derived files first: ckpt.pt is the commit
-                att.export(run.rc.export, state["ema"])
+            try:
+                common.check_finite(state["student"], "checkpoint")
+                common.check_finite(state["ema"], "checkpoint EMA")
+                if run.rc.export and att.export is not None:      # derived files first: ckpt.pt is the commit
+                    att.export(run.rc.export, state["ema"])
+            except common.NonFinite as e:
+                raise Diverged(f"{e}; nothing written, {run.ckpt!r} keeps the last good step") from None
             common.save_torch(state, run.ckpt)
         if run.world > 1:
             dist.barrier()
@@ -559,7 +565,7 @@ def main(prog, argv, select, modules, default_preset, description, export=None):
     guard exits 3 with one line. Returns (attachment, EMA tensors) of rank 0."""
     rc, cfg, tc, opts, settings, module = parse(prog, argv, select, modules, default_preset, description, export)
     build = lambda device, dtype: module.attach(opts, cfg, tc, settings, device, dtype)
-    with common.user_errors(prog):
+    with common.user_errors(prog, sized_by="--batch-size / --micro-batch"):
         try:
             return train(build, cfg, tc, settings, rc)
         except Diverged as e:

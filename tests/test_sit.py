@@ -447,6 +447,26 @@ def test_sample_grid_and_npz_recomputed(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if ".part" in f]
 
 
+def test_non_finite_samples_write_nothing(tmp_path, capsys, monkeypatch):
+    """A sampler planted to return one NaN: sample.py --model imagenet stops with one line, and neither the grid nor
+    the --npz is written (was: NaN cast to uint8 and written)."""
+    folder, _, _ = released_student(tmp_path / "s")
+    tiny_vae(str(tmp_path / "vae"))
+    real = piflow.sample
+
+    def one_nan(*a, **k):
+        x = real(*a, **k)
+        x.view(-1)[0] = float("nan")
+        return x
+    monkeypatch.setattr(piflow, "sample", one_nan)
+    base = ["--model", "imagenet", "--ckpt", folder, "--vae", str(tmp_path / "vae"), "--device", "cpu", "--out",
+            str(tmp_path / "g.png"), "--class-labels", "1", "--per-class", "2"]
+    for extra in ([], ["--npz", str(tmp_path / "s.npz"), "--num-samples", "2"]):
+        code, err = run_cli(sample.main, base + extra, capsys)
+        assert code == 2 and err.count("\n") == 1 and "the decoded samples:" in err and "NaN or inf" in err, err
+    assert not [f for f in os.listdir(tmp_path) if f.endswith((".png", ".npz", ".npy"))]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 4. Training through train_imagenet.py: torchrun == 1 process (weights and Adam moments), resume, DX, data
 # ----------------------------------------------------------------------------------------------------------
@@ -645,6 +665,22 @@ def test_user_errors_are_one_line(tmp_path, capsys):
               "not a pi-Flow student"),
              (sample.main, ["--model", "imagenet", "--ckpt", teacher, "--npz", str(tmp_path / "no" / "x.npy"),
                             "--out", str(tmp_path / "c.png")], "--npz")]
+    # malformed JSON in a loaded folder: one line naming the file (was a 28-line JSONDecodeError traceback)
+    bad, _, _ = released_student(tmp_path / "bad_config")
+    with open(os.path.join(bad, "config.json"), "w") as f:
+        f.write('{"num_layers": 2,,}')
+    lat = tmp_path / "lat"
+    os.makedirs(lat)
+    (lat / "meta.json").write_text('{"shards": 1, "latent_shape": [4, 8')
+    lat2 = tmp_path / "lat2"
+    os.makedirs(lat2)
+    (lat2 / "meta.json").write_text('{"shards": 1}')
+    cases += [(sample.main, ["--model", "imagenet", "--ckpt", bad, "--out", str(tmp_path / "d.png")],
+               f"{os.path.join(bad, 'config.json')!r} is not valid JSON (Expecting property name"),
+              (train_imagenet.main, train_args(teacher, str(tmp_path / "e"), "--steps", "1", "--data-dependent",
+                                               "--latents", str(lat)), "meta.json' is not valid JSON"),
+              (train_imagenet.main, train_args(teacher, str(tmp_path / "f"), "--steps", "1", "--data-dependent",
+                                               "--latents", str(lat2)), "lacks a valid 'latent_shape' entry")]
     for main, argv, what in cases:
         code, err = run_cli(main, argv, capsys)
         assert code == 2 and err.count("\n") == 1 and what in err, err

@@ -29,7 +29,7 @@ from models import pipelines  # noqa: E402
 import sample  # noqa: E402
 from models import t2i, t2i_data  # noqa: E402
 import train_t2i  # noqa: E402
-from runtime import trainer  # noqa: E402
+from runtime import common, trainer  # noqa: E402
 from roundoff import TOL, assert_float_close, assert_quantised  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1031,11 +1031,16 @@ def test_bad_input_one_line_before_loading(bases, tmp_path, capsys, monkeypatch)
     write_released_adapter(str(qwen_ad), "qwen")
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+    malformed = tmp_path / "malformed"
+    shutil.copytree(flux_ad, malformed)
+    (malformed / "config.json").write_text('{"_class_name": "GMFluxTransformer2DModel",')
     out = str(tmp_path / "o.png")
     smp = lambda *a: sample.main(["--prompt", "a cat", "--out", out] + list(a))
     trn = lambda *a: train_t2i.main(["--out", str(tmp_path / "run"), "--no-progress"] + list(a))
     cases = [(lambda: smp("--model", "flux", "--adapter", str(qwen_ad)), "is a qwen adapter"),
              (lambda: smp("--model", "flux", "--adapter", str(tmp_path / "unet")), "unknown adapter class"),
+             (lambda: smp("--model", "flux", "--adapter", str(malformed)),
+              f"{str(malformed / 'config.json')!r} is not valid JSON (Expecting property name"),
              (lambda: smp("--model", "flux", "--adapter", str(flux_ad), "--guidance", "4"), "--guidance=4.0"),
              (lambda: smp("--model", "flux2", "--adapter", str(flux_ad)), "is a flux adapter"),
              (lambda: smp("--model", "qwen", "--adapter", str(qwen_ad), "--height", "1000"), "--height=1000"),
@@ -1057,6 +1062,40 @@ def test_bad_input_one_line_before_loading(bases, tmp_path, capsys, monkeypatch)
              (lambda: trn("--model", "qwen", "--prompts", str(tmp_path / "no.txt")), "--prompts=")]
     for fn, says in cases:
         assert says in one_line_error(capsys, fn)
+
+
+def test_malformed_base_folder_is_one_line(bases, tmp_path, capsys):
+    """A base folder whose model_index.json (or a component's config.json) is malformed JSON: one line naming --base,
+    exit 2, no PNG."""
+    ad = our_adapter("flux", tmp_path / "ad")
+    for name in ("model_index.json", "transformer/config.json"):
+        base = tmp_path / name.replace("/", "_")
+        shutil.copytree(bases["flux"], base)
+        (base / name).write_text('{"_class_name": ')
+        out = tmp_path / "o.png"
+        line = one_line_error(capsys, lambda: sample.main(["--model", "flux", "--adapter", ad, "--base", str(base),
+                                                           "--prompt", "a", "--out", str(out)]))
+        assert f"--base={str(base)!r}: cannot load" in line and not out.exists(), line
+        print(line)
+
+
+def test_non_finite_samples_are_refused(bases, tmp_path, monkeypatch):
+    """Non-finite latents (here: a sampler planted to return one NaN) are refused by the pipeline with one line
+    instead of being decoded into NaN images (sample.py then writes nothing); an inf temperature is refused as a
+    setting."""
+    pipe = pipelines.piflow_pipeline("flux", bases["flux"], our_adapter("flux", tmp_path / "ad"))
+    real = piflow.sample
+
+    def one_nan(*a, **k):
+        x = real(*a, **k)
+        x.view(-1)[5] = float("nan")
+        return x
+    monkeypatch.setattr(piflow, "sample", one_nan)
+    with pytest.raises(common.UserError, match="the sampled latents: 1 of 256 values are NaN or inf; nothing written"):
+        pipe("a cat", height=32, width=32)
+    monkeypatch.setattr(piflow, "sample", real)
+    with pytest.raises(ValueError, match="temperature=inf is not accepted"):
+        pipe("a cat", height=32, width=32, temperature=float("inf"))
 
 
 def test_hub_offline_and_help(bases, tmp_path, capsys, monkeypatch):

@@ -8,6 +8,7 @@ tile of the default PNG. Thresholds are measured values with a stated margin (co
 import json
 import os
 import re
+import time
 
 import numpy as np
 import pytest
@@ -246,11 +247,18 @@ def test_bad_input_one_line_errors(tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     for argv, expected in ((["--ckpt", str(tmp_path / "missing.pt")], "--ckpt=.*missing.pt.*no such file"),
                            (["--ckpt", str(bad)], "--ckpt=.*corrupt.pt.* is not a readable"),
-                           (["--per-class", "0"], "--per-class=0 is not accepted")):
-        with pytest.raises(SystemExit):
+                           (["--per-class", "0"], "--per-class=0 is not accepted"),
+                           (["--per-class", "10000000"], r"--per-class=10000000 is not accepted: .* GiB"),
+                           (["--temperature", "1e38"], r"student's samples: 5120 of 5120 values are NaN or inf; "
+                                                       "nothing written")):
+        with pytest.raises(SystemExit) as e:
             sample.main(argv + ["--out", str(out)])
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and re.search(expected, err), err
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and re.search(expected, err), err
+    for t in ("inf", "nan", "-1"):                                 # argparse: usage, then one error line
+        with pytest.raises(SystemExit):
+            sample.main(["--temperature", t, "--out", str(out)])
+        assert "a finite value > 0" in capsys.readouterr().err.strip().splitlines()[-1]
     with pytest.raises(SystemExit):
         toy_lab.main(["--jobs", "0", "--out", str(tmp_path / "lab")])
     assert "--jobs=0" in capsys.readouterr().err
@@ -260,3 +268,47 @@ def test_bad_input_one_line_errors(tmp_path, capsys):
     with pytest.raises(common.UserError, match="needs unpickling"):
         toy.load_teacher(str(tmp_path / "pickle.pt"))
     assert out.read_bytes() == b"precious" and not (tmp_path / "lab").exists()
+
+
+def test_failed_allocation_and_progress_bar_of_long_sampling(tmp_path, capsys, monkeypatch):
+    """sample.py: an allocation that fails (here: the CPU allocator's error, planted in the sampler) is one line
+    naming --per-class. Its sampling loops, the student's and the teacher Euler's, get a tqdm bar that appears after
+    common.PROGRESS_DELAY seconds (`sample.py --nfe 100000` printed nothing for minutes): the bar of a loop that
+    outlasts the delay (here a student slowed to 0.05 s per call) is shown, a quick one stays silent."""
+    seen, real_sample, real_euler = {}, piflow.sample, piflow.teacher_euler
+    monkeypatch.setattr(piflow, "sample", lambda *a, **k: seen.update(sample=k.get("progress")) or real_sample(*a, **k))
+    monkeypatch.setattr(piflow, "teacher_euler", lambda *a, **k: seen.update(euler=k.get("progress")) or
+                        real_euler(*a, **k))
+    sample.main(["--nfe", "3", "--out", str(tmp_path / "a.png")])
+    assert seen == {"sample": common.PROGRESS_DELAY, "euler": common.PROGRESS_DELAY} and 0 < common.PROGRESS_DELAY <= 5
+    assert "pi-Flow sampling" not in capsys.readouterr().err                          # quick: silent
+    student, _ = toy.load_student(toy.DEFAULT_CKPT)
+    slow = lambda x, sigma, cond=None: time.sleep(0.05) or student(x, sigma, cond)
+    slow.piid_config = student.piid_config
+    noise = torch.randn(2, *toy.IMG)
+    real_sample(slow, noise, torch.tensor([0, 1]), 4, progress=1e-6)
+    real_euler(lambda x, s, c=None: time.sleep(0.05) or torch.zeros_like(x), noise, None, piflow.nfe_schedule(4)[1],
+               progress=1e-6)
+    err = capsys.readouterr().err
+    assert "pi-Flow sampling: 100%" in err and "teacher Euler: 100%" in err and "4/4" in err, err
+    monkeypatch.setattr(piflow, "sample", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes.")))
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--nfe", "3", "--out", str(tmp_path / "b.png")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "out of memory" in err and "lower --per-class" in err
+    assert not (tmp_path / "b.png").exists()
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("os:sep", "--teacher='os:sep' is a str, not a function"),
+    ("os:getcwd", "--teacher='os:getcwd' returned a str; expected an nn.Module"),
+    ("json:loads", "--teacher='json:loads' failed: TypeError: "),
+    ("no_such_module:f", "--teacher='no_such_module:f' cannot be imported (ModuleNotFoundError")])
+def test_distill_teacher_factory_errors_are_one_line(tmp_path, capsys, spec, expected):
+    """`python -m labs.toy2d distill --teacher module:function`: whatever is wrong with the user's factory (not
+    callable, raises, returns no module, missing) is one line naming --teacher (os:sep was a TypeError traceback)."""
+    with pytest.raises(SystemExit) as e:
+        toy2d.main(["distill", "--teacher", spec, "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and expected in err, err

@@ -518,3 +518,50 @@ def test_ema_decay_as_applied(tmp_path, monkeypatch):
         ema = w.double() if ema is None else beta * ema + (1 - beta) * w.double()
     torch.testing.assert_close(ck["ema"]["weight"].double(), ema, rtol=1e-6, atol=0)
     assert float((ck["ema"]["weight"] - ck["student"]["weight"]).abs().min()) > 1e-3      # it is not a copy
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one line and a non-zero exit, never a traceback or a non-finite file
+# ------------------------------------------------------------------------------------------------
+
+def test_batch_beyond_memory_is_refused_before_training(tmp_path, capsys):
+    """--batch-size 1e9: the states of one micro-batch alone exceed the machine's memory: one line naming the flag,
+    before any step (was an allocator traceback after 23 s)."""
+    with pytest.raises(SystemExit) as e:
+        train_imagenet.main(TINY + ["--batch-size", "1000000000", "--micro-batch", "0", "--out",
+                                  str(tmp_path / "run")])
+    err = one_line_error(capsys)
+    assert e.value.code == 2 and "--batch-size=1000000000" in err and "GiB" in err, err
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_failed_allocation_names_the_size_flag(tmp_path, capsys, monkeypatch):
+    """An allocation that fails anyway (here: the CPU allocator's error raised by the first micro-batch) is one line
+    naming --batch-size / --micro-batch, exit 2; another RuntimeError stays a traceback (a bug)."""
+    def oom(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes.")
+    monkeypatch.setattr(trainer, "micro_loss", oom)
+    with pytest.raises(SystemExit) as e:
+        train_imagenet.main(TINY + ["--steps", "2", "--out", str(tmp_path / "run")])
+    err = one_line_error(capsys)
+    assert e.value.code == 2 and "out of memory" in err and "--batch-size / --micro-batch" in err, err
+    monkeypatch.setattr(trainer, "micro_loss", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        train_imagenet.main(TINY + ["--steps", "2", "--out", str(tmp_path / "run2")])
+
+
+def test_non_finite_ema_is_never_written(tmp_path, capsys, monkeypatch):
+    """An EMA that became non-finite (here: planted after step 0) stops the run at its first checkpoint with one
+    line and exit 3; neither ckpt.pt nor the export is written."""
+    real = piflow.ema_update
+
+    def poisoned(ema, params, beta):
+        real(ema, params, beta)
+        next(iter(ema.values())).view(-1)[0] = float("inf")
+    monkeypatch.setattr(piflow, "ema_update", poisoned)
+    out, exp = tmp_path / "run", tmp_path / "student.pt"
+    with pytest.raises(SystemExit) as e:
+        train_imagenet.main(TINY + ["--steps", "2", "--out", str(out), "--export", str(exp)])
+    err = one_line_error(capsys)
+    assert e.value.code == 3 and "non-finite" in err and "nothing written" in err, err
+    assert not (out / "ckpt.pt").exists() and not exp.exists()
