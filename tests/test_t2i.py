@@ -521,9 +521,10 @@ def test_fsdp2_torchrun_then_single_process_resume_equals_one_run(bases, tmp_pat
 # ----------------------------------------------------------------------------------------------------------
 
 def write_released_adapter(folder, model, policy="gm", K=2, N=3, inner=1024, layers=2, constant=None, seed=0, rank=4,
-                           prefix=""):
+                           prefix="", lw=None):
     """An adapter as the official exporter writes it (no piid_config): config.json (the student class's config)
-    and random tensors of the shapes the published class has for that config; LoRA on the row's targets."""
+    and random tensors of the shapes the published class has for that config; LoRA on the row's targets.
+    lw: logweights_channels (None: the row's default, 4; 'omit': 4 channels, the field left out of config.json)."""
     fam, tr = t2i.FAMILIES[model], tiny_transformer(model)
     cfg = json.loads(json.dumps({k: v for k, v in tr.config.items() if not k.startswith("_")}, default=list))
     S, C, D = 4, fam.channels, tr.proj_out.in_features
@@ -533,9 +534,11 @@ def write_released_adapter(folder, model, policy="gm", K=2, N=3, inner=1024, lay
     if model != "flux2":
         t["norm_out.linear.bias"] = r(2 * D)
     if policy == "gm":
-        lw = fam.logweights
+        omit, lw = lw == "omit", 4 if lw in (None, "omit") else lw
         cfg.update(_class_name=fam.gm_class, num_gaussians=K, logstd_inner_dim=inner, gm_num_logstd_layers=layers,
                    constant_logstd=constant, logweights_channels=lw)
+        if omit:
+            del cfg["logweights_channels"]
         t.update({"proj_out_means.weight": r(K * S * C, D), "proj_out_means.bias": r(K * S * C),
                   "proj_out_logweights.weight": r(K * lw, D), "proj_out_logweights.bias": r(K * lw)})
         if constant is None:
@@ -573,17 +576,20 @@ def merged(net, t):
 DIFFS = {}                                   # max |diff| per released format, printed for the report
 
 
-@pytest.mark.parametrize("model,policy", [("flux", "gm"), ("qwen", "gm"), ("flux2", "gm"), ("flux", "dx"),
-                                          ("qwen", "dx")])
-def test_released_adapter_formats_match_an_independent_forward(model, policy, tmp_path, capsys):
+@pytest.mark.parametrize("model,policy,lw", [("flux", "gm", None), ("qwen", "gm", None), ("flux2", "gm", None),
+                                             ("flux2", "gm", "omit"), ("flux2", "gm", 1), ("flux", "dx", None),
+                                             ("qwen", "dx", None)])
+def test_released_adapter_formats_match_an_independent_forward(model, policy, lw, tmp_path, capsys):
     """An adapter in the published layout (logstd inner dim 32, FLUX with the 'transformer.' key prefix) loads from
     its folder alone and reproduces, to 1e-5, the policy of an independent forward of the same weights: the stock
     diffusers class (DX: built from the adapter's config.json) with the LoRA merged by hand, the GM heads as
-    explicit matmuls on proj_out's input, the logstd MLP on norm_out's temb, the (k, c, ph, pw) unpacking as loops;
-    FLUX.2's one logweight per token repeated over the 2x2 patch."""
+    explicit matmuls on proj_out's input, the logstd MLP on norm_out's temb, the (k, c, ph, pw) unpacking as loops.
+    logweights_channels is read as stated (FLUX.2 with 1: one logweight per token, repeated over the 2x2 patch);
+    a FLUX.2 config without it has the published p^2 = 4."""
     folder = str(tmp_path / "a")
     t, config = write_released_adapter(folder, model, policy, inner=32, prefix="transformer." if model == "flux"
-                                       else "")
+                                       else "", lw=lw)
+    assert ("logweights_channels" in config) == (policy == "gm" and lw != "omit")
     s, head, rank, cfg = t2i.student_from_adapter(model, tiny_transformer(model), folder, "--adapter", F32)
     assert "assuming the released schedule" in capsys.readouterr().out and (cfg.nfe, cfg.shift) == (4, 3.2)
     assert rank == 4 and (head.logstd_inner_dim if policy == "gm" else head.N) == (32 if policy == "gm" else 3)
@@ -606,7 +612,8 @@ def test_released_adapter_formats_match_an_independent_forward(model, policy, tm
         ref, seen = merged(tiny_transformer(model), t), {}
         ref.proj_out.register_forward_pre_hook(lambda m, a: seen.update(h=a[0]))
         ref.norm_out.register_forward_pre_hook(lambda m, a: seen.update(temb=a[1]))
-        K, lw = 2, t2i.FAMILIES[model].logweights
+        K, lw = 2, 1 if lw == 1 else 4
+        assert head.logweights_channels == lw
         with torch.no_grad():
             stock_call(ref, model, x, sigma, cond)
             h = seen["h"][:, :6]
@@ -623,9 +630,38 @@ def test_released_adapter_formats_match_an_independent_forward(model, policy, tm
         diff = max((pol.means_x - (x[:, None] - s_ * means)).abs().max().item(),
                    (pol.logweights - logits.log_softmax(1)).abs().max().item(),
                    (pol.var_x.flatten() - (a.flatten() * 2).exp() * sigma ** 2).abs().max().item())
-    DIFFS[f"{model}-{policy}"] = diff
+    DIFFS[f"{model}-{policy}-{lw}"] = diff
     print(f"max |diff| {model} {policy}: {diff:.2e}")
     assert diff <= 1e-5, diff
+
+
+def test_our_flux2_adapter_unpacks_the_published_way(tmp_path):
+    """Our exported FLUX.2 GM adapter (a new student's default head) states logweights_channels = 4 = p^2, and its
+    head outputs unpacked as the published PiFlux2Pipeline does give our student's policy: tokens (B, h w, K C 4)
+    and (B, h w, K 4) viewed as (B, h, w, K, C, 2, 2) and (B, h, w, K, 1, 2, 2), permuted to (B, K, C, h, 2, w, 2),
+    i.e. (B, K, C, H, W) and (B, K, 1, H, W)."""
+    ad = our_adapter("flux2", tmp_path / "ad")                                    # K = 2
+    c = json.load(open(os.path.join(ad, "config.json")))
+    assert (c["_class_name"], c["logweights_channels"], c["num_gaussians"]) == ("GMFlux2Transformer2DModel", 4, 2)
+    s, head, _, _ = t2i.student_from_adapter("flux2", tiny_transformer("flux2"), ad, "--adapter", F32)
+    assert head.logweights_channels == 4
+    with safe_open(os.path.join(ad, t2i.WEIGHTS), "pt") as f:
+        t = {k: f.get_tensor(k).float() for k in f.keys() if k.startswith("proj_out_")}
+    assert t["proj_out_logweights.weight"].shape[0] == 2 * 4
+    B, K, C, H, W = 2, 2, 32, 4, 6
+    x, sigma = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(1)), torch.tensor([0.35, 0.8])
+    seen = {}
+    s.tr.proj_out_means.register_forward_pre_hook(lambda m, a: seen.update(h=a[0]))
+    with torch.no_grad():
+        pol = s.eval()(x, sigma, cond_of("flux2", make_cache("flux2", 2, seed=5), [0, 1]))
+        h = seen["h"]                                                              # (B, h w, D)
+        mt = h @ t["proj_out_means.weight"].T + t["proj_out_means.bias"]
+        lt = h @ t["proj_out_logweights.weight"].T + t["proj_out_logweights.bias"]
+    means = mt.view(B, H // 2, W // 2, K, C, 2, 2).permute(0, 3, 4, 1, 5, 2, 6).reshape(B, K, C, H, W)
+    logw = lt.view(B, H // 2, W // 2, K, 1, 2, 2).permute(0, 3, 4, 1, 5, 2, 6).reshape(B, K, 1, H, W)
+    torch.testing.assert_close(pol.means_x, x[:, None] - sigma.view(B, 1, 1, 1, 1) * means, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pol.logweights, logw.log_softmax(1), atol=1e-5, rtol=1e-5)
+    assert (logw[..., 0::2, :] - logw[..., 1::2, :]).abs().max() > 1e-3     # 4 weights per token, not 1 repeated
 
 
 def test_constant_logstd_and_our_adapters_reload_bit_exactly(tmp_path):
