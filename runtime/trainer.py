@@ -41,7 +41,7 @@ class TrainConfig:
     batch_size: int = 64               # global batch size (all ranks)
     micro_batch: int = 0               # samples per micro-batch; 0 = batch_size / world size (one per rank)
     lr: float = 1e-3                   # AdamW learning rate, betas (0.9, 0.95), no weight decay
-    warmup: int = 50                   # linear LR warm-up steps from 0.001 lr
+    warmup: int = 50                   # linear LR warm-up steps from 0.001 lr (0: the full rate from step 0)
     cosine: bool = False               # cosine-decay the LR to 0 after warm-up (published runs: constant)
     grad_clip: float = 50.0            # gradient-norm clip
     clip_start: int = 0                # step from which gradients are clipped (the non-finite guard runs always)
@@ -168,8 +168,9 @@ class Attachment:
 #################################################################################
 
 def lr_at(step, tc):
-    """Linear warm-up from 0.001 lr (published configs), then constant or cosine decay to 0 at tc.steps."""
-    lr = tc.lr * min(1.0, 0.001 + (1 - 0.001) * step / max(tc.warmup, 1))
+    """Linear warm-up from 0.001 lr over tc.warmup steps (published configs; 0: none), then constant or cosine
+    decay to 0 at tc.steps."""
+    lr = tc.lr * min(1.0, 0.001 + (1 - 0.001) * step / tc.warmup) if tc.warmup else tc.lr
     if tc.cosine and step >= tc.warmup:
         lr = 0.5 * tc.lr * (1 + math.cos(math.pi * (step - tc.warmup) / max(tc.steps - tc.warmup, 1)))
     return lr

@@ -506,6 +506,10 @@ def test_learning_rate_warmup_and_cosine_by_hand(tmp_path, monkeypatch):
     ws = [w for _, _, w in recs] + [ck["student"]["weight"]]
     for s in range(10):
         torch.testing.assert_close(ws[s + 1] - ws[s], -lrs[s] * torch.sign(A), rtol=2e-3, atol=0, msg=f"step {s}")
+    # no warm-up: the full rate from step 0; warm-up 1: 0.001 lr at step 0, then the full rate (constant)
+    for warmup, want in ((0, [1e-2, 1e-2, 1e-2]), (1, [1e-5, 1e-2, 1e-2])):
+        recs, _ = run_known(tmp_path / f"w{warmup}", monkeypatch, steps=3, warmup=warmup, lr=1e-2, grad_clip=100.0)
+        assert [lr for lr, _, _ in recs] == pytest.approx(want, rel=1e-12), warmup
 
 
 def test_ema_decay_as_applied(tmp_path, monkeypatch):
