@@ -312,3 +312,88 @@ def test_distill_teacher_factory_errors_are_one_line(tmp_path, capsys, spec, exp
         toy2d.main(["distill", "--teacher", spec, "--out", str(tmp_path / "d")])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and expected in err, err
+
+
+class FlipReshape(toy2d.MLP2D):
+    """A teacher that post-processes its output layer's result: (B, 2) -> (B, 2, 1), coordinates swapped, reshaped
+    back (as image networks reshape / unpatchify); with swapped output rows it is the same function as the MLP."""
+
+    def forward(self, x_t, sigma):
+        h = self.inp(x_t) + self.emb(toy.timestep_embedding(piflow.as_batch(sigma, x_t), 64))
+        for layer in self.layers:
+            h = h + layer(torch.nn.functional.silu(h))
+        return self.out(torch.nn.functional.silu(h)).view(-1, 2, 1).flip(1).reshape(x_t.shape)
+
+
+class Skip(toy2d.MLP2D):
+    """A skip connection after the output layer: u = 0.5 out(h) + x_t."""
+
+    def forward(self, x_t, sigma):
+        return 0.5 * super().forward(x_t, sigma) + x_t
+
+
+class Patches(torch.nn.Module):
+    """An image teacher on (B, 3, 4, 4): 2x2 patches -> tokens, a per-token MLP, the output layer per token
+    (width -> 2 * 2 * 3), unpatchified and scaled by 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.mid, self.out = torch.nn.Linear(12 + 16, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 12)
+
+    def forward(self, x_t, sigma):
+        from einops import rearrange
+        tok = rearrange(x_t, "b c (h p) (w q) -> b (h w) (p q c)", p=2, q=2)
+        emb = toy.timestep_embedding(piflow.as_batch(sigma, x_t), 16)[:, None].expand(-1, tok.shape[1], -1)
+        h = self.mid(torch.nn.functional.silu(self.inp(torch.cat([tok, emb], -1))))
+        return 2 * rearrange(self.out(torch.nn.functional.silu(h)), "b (h w) (p q c) -> b c (h p) (w q)", h=2, p=2,
+                             q=2)
+
+
+class Mixing(toy2d.MLP2D):
+    """Post-processing that mixes the outputs (u = y M): no reshape, scale or skip."""
+
+    def forward(self, x_t, sigma):
+        return super().forward(x_t, sigma) @ torch.tensor([[1.0, 0.5], [0.0, 1.0]])
+
+
+@pytest.mark.parametrize("make, shape", [(FlipReshape, (64, 2)), (Skip, (64, 2)), (Patches, (8, 3, 4, 4))])
+@pytest.mark.parametrize("policy", ["gm", "dx"])
+def test_policy_student_reads_through_the_teachers_post_processing(make, shape, policy):
+    """PolicyStudent takes the head input from the output layer through a hook and places each GM mean / DX grid
+    copy with the teacher's own map y -> u (inferred by probing): at step 0 (no bias noise) the policy velocity at
+    (x_src, sigma_src) is the teacher's u, for a reshaping, a skip-connection and a patch (image) teacher; the GM
+    weights are one per row (per token for the image teacher: (B, K, 1, H, W)). The old student replaced the layer
+    by the identity and broke on all three."""
+    torch.manual_seed(0)
+    teacher = make().requires_grad_(False)
+    x, sigma = torch.randn(shape, generator=torch.Generator().manual_seed(1)), torch.rand(shape[0]) * 0.9 + 0.1
+    student = toy2d.PolicyStudent(teacher, policy, K=3, N=4, bias_noise=0.0)
+    with torch.no_grad():
+        u, pol = teacher(x, sigma), student(x, sigma)
+        v = pol.velocity(x, sigma)
+    torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-5)
+    if policy == "gm":
+        assert pol.logweights.shape == (shape[0], 3, 1) + tuple(shape[2:])
+    x.requires_grad_(False)
+    loss = student(x, sigma).velocity(x, sigma).pow(2).sum()                 # the head trains, the layer stays
+    loss.backward()
+    assert student.body.out.weight.grad is None
+    assert (student.proj_out_means if policy == "gm" else student.proj_out).weight.grad.abs().sum() > 0
+
+
+def test_policy_student_asks_for_the_layout_it_cannot_infer(tmp_path, capsys):
+    """A forward that mixes the layer's outputs: a clear error asking for layout= (one line from the command
+    line); given layout, the DX student starts at the teacher's u."""
+    torch.manual_seed(0)
+    teacher = Mixing().requires_grad_(False)
+    x, sigma = torch.randn(16, 2), torch.full((16,), 0.5)
+    student = toy2d.PolicyStudent(teacher, "dx", N=4)
+    with pytest.raises(ValueError, match=r"out='out': cannot infer .* mixes several of its outputs.* pass layout="):
+        student(x, sigma)
+    given = toy2d.PolicyStudent(teacher, "dx", N=4, layout=lambda y: y @ torch.tensor([[1.0, 0.5], [0.0, 1.0]]))
+    with torch.no_grad():
+        torch.testing.assert_close(given(x, sigma).velocity(x, sigma), teacher(x, sigma), rtol=1e-5, atol=1e-5)
+    with pytest.raises(SystemExit) as e:
+        toy2d.main(["distill", "--teacher", "test_toy:Mixing", "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "pass layout=" in err, err
