@@ -3,13 +3,13 @@
     python -m labs.toy2d lab                              # teacher + GM/DX students at 1/2/4 NFE -> assets/toy2d.png
     python -m labs.toy2d distill --teacher labs.toy2d:checkerboard_teacher --nfe 4 --out runs/distill   # any teacher
 
-Any network u = G(x_t, sigma[, cond]) on vectors x_t (B, C) whose last layer is an nn.Linear (width -> C) becomes
-a π-Flow student with `PolicyStudent(teacher, out="out")`: a copy of the teacher whose output layer is widened
-into a GM (or DX) head initialised from it (§5.1; piflow.add_gm_head / init_gm_head / init_dx_head).
-`distill()` trains it with the project's one loop (trainer.train) on data-free π-ID (Alg. 3); `alignment()`
-measures it against the teacher's many-step ODE (RK4, 256 teacher calls) from the same noise, next to the
-teacher's own Euler sampler at the same NFE. For image networks whose output layer feeds a reshape (patches,
-channels), write the head into the network's forward instead, as toy.ToyStudent and sit.py do.
+Any network u = G(x_t, sigma[, cond]) whose velocity comes out of one nn.Linear (width -> C_out), followed by any
+reshape, unpatchify, permutation, scale or skip connection, becomes a π-Flow student with
+`PolicyStudent(teacher, out="out")`: a copy of the teacher whose output layer gets a GM (or DX) head initialised
+from it (§5.1; piflow.add_gm_head / init_gm_head / init_dx_head), fed through a forward hook; the teacher's own
+forward places the head's outputs in x's layout. `distill()` trains it with the project's one loop (trainer.train)
+on data-free π-ID (Alg. 3); `alignment()` measures it against the teacher's many-step ODE (RK4, 256 teacher calls)
+from the same noise, next to the teacher's own Euler sampler at the same NFE.
 """
 import argparse
 import copy
