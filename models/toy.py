@@ -524,7 +524,10 @@ def main(argv=None):
             recipe = dict(TEACHER_RECIPE, steps=args.steps)
             net = train_teacher(**recipe)
             sd = {k: v.half() for k, v in net.state_dict().items()}
-            common.check_finite(sd, "teacher")
+            try:
+                common.check_finite(sd, "teacher (fp16)")
+            except common.NonFinite as e:
+                raise common.UserError(f"{e}; nothing written to --out={args.out!r}") from None
             common.save_torch({"net": sd, "recipe": recipe}, args.out)
             print(f"wrote {args.out}")
 
