@@ -297,6 +297,33 @@ def test_resume_refuses_other_settings_and_a_smaller_step(tmp_path, capsys):
     assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
 
 
+def test_resume_reads_only_a_complete_checkpoint_of_the_same_run(tmp_path, capsys):
+    """--resume refuses an unreadable ckpt.pt and a torch file that is not a training checkpoint (one line naming
+    it), and a checkpoint whose settings lack one the run has (or hold one it lacks: a setting added or removed
+    counts as different); it accepts an older checkpoint without the guard's recent losses."""
+    out = tmp_path / "run"
+    train_imagenet.main(TINY + ["--steps", "2", "--out", str(out)])
+    good = ckpt(out)
+    resume = lambda: train_imagenet.main(TINY + ["--steps", "3", "--out", str(out), "--resume"])
+    cases = [(b"not a checkpoint", "--resume: checkpoint="), ({"student": {}, "opt": {}}, "is not a piflow training "
+                                                                                           "checkpoint"),
+             (dict(good, settings={k: v for k, v in good["settings"].items() if k != "ema_gamma"}),
+              "--ema-gamma=7.0 differs from the checkpoint's None"),
+             (dict(good, settings=dict(good["settings"], extra_setting=1)), "--extra-setting=None differs")]
+    for content, says in cases:
+        if isinstance(content, bytes):
+            (out / "ckpt.pt").write_bytes(content)
+        else:
+            torch.save(content, str(out / "ckpt.pt"))
+        with pytest.raises(SystemExit) as e:
+            resume()
+        err = one_line_error(capsys)
+        assert e.value.code == 2 and says in err, err
+    torch.save({k: v for k, v in good.items() if k != "recent_losses"}, str(out / "ckpt.pt"))
+    resume()
+    assert ckpt(out)["step"] == 3
+
+
 @pytest.mark.parametrize("flags, name", [(["--batch-size", "0"], "--batch-size=0"), (["--steps", "0"], "--steps=0"),
                                          (["--micro-batch", "3"], "--micro-batch=3"), (["--nfe", "0"], "--nfe=0"),
                                          (["--gm-dropout", "1.5"], "--gm-dropout=1.5"), (["--lr", "nan"], "--lr=nan"),

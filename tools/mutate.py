@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent                 # the repository
 
 # target -> (file to mutate, pytest selection: the fast tests that reach it, mutant globs: the functions under test)
 FAST_TRAINER = ("clipping or learning_rate or ema_decay or resume_continues or bad_steps or lr_1e6 or guard_counts "
-                "or refuses or non_finite_ema or failed_allocation or beyond_memory or bad_flags")
+                "or refuses or complete_checkpoint or non_finite_ema or failed_allocation or beyond_memory or bad_flags")
 TARGETS = {
     "core": ("piflow.py", ["test_piflow.py", "-k", "not end_to_end"], None),
     "trainer": ("runtime/trainer.py", ["tests/test_trainer.py", "-k", FAST_TRAINER],
@@ -53,8 +53,7 @@ TARGETS = {
                    "x_first_line", "x_is_out_of_memory", "x_user_errors", "x_hyphenate", "x_from_settings",
                    "x__flag_message", "x_check", "x_parse_temperature", "x_load_tensors", "x_save_atomic",
                    "x_check_writable", "x_check_finite", "x_check_finite_output", "x_check_memory", "x_read_json")]),
-    "toy2d": ("labs/toy2d.py", ["tests/test_toy.py", "-k", "post_processing or layout_it_cannot or distill_your_own "
-                                                          "or factory_errors"],
+    "toy2d": ("labs/toy2d.py", ["tests/test_toy.py", "-k", "post_processing or layout_it_cannot or factory_errors"],
               ["labs.toy2d.xǁPolicyStudentǁ*", "labs.toy2d.x_load_factory__*", "labs.toy2d.x_import_function__*"]),
     "sit": ("models/sit.py", ["tests/test_sit.py", "-k", "teacher_and_gm_student_match or training_teacher_guidance "
                                                          "or students_start or logstd_head or native_sit"],
