@@ -61,7 +61,7 @@ def one_line_error(capsys):
 # Resume and crash consistency
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra", [[], ["--data-dependent", "--policy", "dx", "--N", "4"],
+@pytest.mark.parametrize("extra", [[], ["--data-dependent", "--policy", "dx", "--N", "4", "--decay-iters", "4"],
                                    ["--cosine", "--total-substeps", "16", "--gm-dropout", "0.2"],
                                    ["--policy", "shortcut"]])
 def test_resume_continues_identically(tmp_path, extra):
