@@ -301,7 +301,7 @@ def test_failed_allocation_and_progress_bar_of_long_sampling(tmp_path, capsys, m
 
 
 @pytest.mark.parametrize("spec, expected", [
-    ("os:sep", "--teacher='os:sep' is a str, not a function"),
+    ("os:sep", "--teacher='os:sep' is a str, not a function; expected module:function returning the teacher network"),
     ("os:getcwd", "--teacher='os:getcwd' returned a str; expected an nn.Module"),
     ("json:loads", "--teacher='json:loads' failed: TypeError: "),
     ("no_such_module:f", "--teacher='no_such_module:f' cannot be imported (ModuleNotFoundError")])
@@ -312,6 +312,8 @@ def test_distill_teacher_factory_errors_are_one_line(tmp_path, capsys, spec, exp
         toy2d.main(["distill", "--teacher", spec, "--out", str(tmp_path / "d")])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and expected in err, err
+    teacher = toy2d.load_factory("test_toy:Mixing")          # a good factory: the teacher frozen, in eval mode
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
 
 
 class FlipReshape(toy2d.MLP2D):
@@ -336,27 +338,44 @@ class Patches(torch.nn.Module):
     """An image teacher on (B, 3, 4, 4): 2x2 patches -> tokens, a per-token MLP, the output layer per token
     (width -> 2 * 2 * 3), unpatchified and scaled by 2."""
 
-    def __init__(self):
+    def __init__(self, num_classes=0):
         super().__init__()
         self.inp, self.mid, self.out = torch.nn.Linear(12 + 16, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 12)
+        self.label = torch.nn.Embedding(num_classes, 32) if num_classes else None
 
-    def forward(self, x_t, sigma):
+    def forward(self, x_t, sigma, cond=None):
         from einops import rearrange
         tok = rearrange(x_t, "b c (h p) (w q) -> b (h w) (p q c)", p=2, q=2)
         emb = toy.timestep_embedding(piflow.as_batch(sigma, x_t), 16)[:, None].expand(-1, tok.shape[1], -1)
-        h = self.mid(torch.nn.functional.silu(self.inp(torch.cat([tok, emb], -1))))
+        h = self.inp(torch.cat([tok, emb], -1))
+        h = self.mid(torch.nn.functional.silu(h + (self.label(cond)[:, None] if self.label is not None else 0)))
         return 2 * rearrange(self.out(torch.nn.functional.silu(h)), "b (h w) (p q c) -> b c (h p) (w q)", h=2, p=2,
                              q=2)
 
 
 class Mixing(toy2d.MLP2D):
-    """Post-processing that mixes the outputs (u = y M): no reshape, scale or skip."""
+    """Post-processing that mixes the outputs, then a skip (u = y M + x): no reshape, scale or skip alone."""
 
     def forward(self, x_t, sigma):
-        return super().forward(x_t, sigma) @ torch.tensor([[1.0, 0.5], [0.0, 1.0]])
+        return super().forward(x_t, sigma) @ torch.tensor([[1.0, 0.5], [0.0, 1.0]]) + x_t
 
 
-@pytest.mark.parametrize("make, shape", [(FlipReshape, (64, 2)), (Skip, (64, 2)), (Patches, (8, 3, 4, 4))])
+class Absolute(toy2d.MLP2D):
+    """A non-linear post-processing that a ramp probe cannot tell from a reshape (u = |y|)."""
+
+    def forward(self, x_t, sigma):
+        return super().forward(x_t, sigma).abs()
+
+
+class Partial(toy2d.MLP2D):
+    """u = (y, 0): an element of u that the layer does not produce."""
+
+    def forward(self, x_t, sigma):
+        return torch.cat([super().forward(x_t[:, :2], sigma), torch.zeros_like(x_t[:, 2:])], 1)
+
+
+@pytest.mark.parametrize("make, shape", [(FlipReshape, (64, 2)), (Skip, (64, 2)), (Patches, (8, 3, 4, 4)),
+                                         (lambda: Patches(num_classes=5), (8, 3, 4, 4))])
 @pytest.mark.parametrize("policy", ["gm", "dx"])
 def test_policy_student_reads_through_the_teachers_post_processing(make, shape, policy):
     """PolicyStudent takes the head input from the output layer through a hook and places each GM mean / DX grid
@@ -366,19 +385,29 @@ def test_policy_student_reads_through_the_teachers_post_processing(make, shape, 
     by the identity and broke on all three."""
     torch.manual_seed(0)
     teacher = make().requires_grad_(False)
-    x, sigma = torch.randn(shape, generator=torch.Generator().manual_seed(1)), torch.rand(shape[0]) * 0.9 + 0.1
-    student = toy2d.PolicyStudent(teacher, policy, K=3, N=4, bias_noise=0.0)
-    with torch.no_grad():
-        u, pol = teacher(x, sigma), student(x, sigma)
-        v = pol.velocity(x, sigma)
-    torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-5)
+    conditional = getattr(teacher, "label", None) is not None
+    for B in (shape[0], shape[0] // 2):                   # two batch sizes: the map is inferred per input shape
+        x = torch.randn((B,) + shape[1:], generator=torch.Generator().manual_seed(B))
+        sigma, cond = torch.rand(B) * 0.9 + 0.1, (torch.arange(B) % 5 if conditional else None)
+        student = student if B < shape[0] else toy2d.PolicyStudent(teacher, policy, K=3, N=4, bias_noise=0.0)
+        with torch.no_grad():
+            u, pol = piflow.call(teacher, x, sigma, cond), student(x, sigma, cond)
+            v = pol.velocity(x, sigma)
+        torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-5)
+    if conditional:                                        # the condition reaches the teacher's forward
+        assert (teacher(x, sigma, (cond + 1) % 5) - u).abs().max() > 1e-3
     if policy == "gm":
-        assert pol.logweights.shape == (shape[0], 3, 1) + tuple(shape[2:])
-    x.requires_grad_(False)
-    loss = student(x, sigma).velocity(x, sigma).pow(2).sum()                 # the head trains, the layer stays
+        assert pol.logweights.shape == (B, 3, 1) + tuple(shape[2:])
+    else:                                                  # the DX grid spans one training step (dx_grid)
+        assert student.segment_size == piflow.dx_grid(piflow.PiIDConfig())["segment_size"]
+        torch.testing.assert_close(pol.tau_dst, (piflow.unwarp_time(sigma, student.shift) - student.segment_size)
+                                   .clamp(min=0).to(pol.tau_dst.dtype))
+    loss = student(x, sigma, cond).velocity(x, sigma).pow(2).sum()        # the head and trunk train, the layer stays
     loss.backward()
-    assert student.body.out.weight.grad is None
+    assert student.body.out.weight.grad is None and all(p.grad is None for p in teacher.parameters())
     assert (student.proj_out_means if policy == "gm" else student.proj_out).weight.grad.abs().sum() > 0
+    trunk = student.body.mid if hasattr(student.body, "mid") else student.body.inp
+    assert trunk.weight.grad.abs().sum() > 0 and trunk.weight is not getattr(teacher, "mid", teacher.inp).weight
 
 
 def test_policy_student_asks_for_the_layout_it_cannot_infer(tmp_path, capsys):
@@ -393,6 +422,16 @@ def test_policy_student_asks_for_the_layout_it_cannot_infer(tmp_path, capsys):
     given = toy2d.PolicyStudent(teacher, "dx", N=4, layout=lambda y: y @ torch.tensor([[1.0, 0.5], [0.0, 1.0]]))
     with torch.no_grad():
         torch.testing.assert_close(given(x, sigma).velocity(x, sigma), teacher(x, sigma), rtol=1e-5, atol=1e-5)
+    for make, why in ((Absolute, "its map to u is not linear"), (Partial, "some elements of u do not depend on it")):
+        x3 = torch.randn(16, 2 if make is Absolute else 3)
+        with pytest.raises(ValueError, match=why):
+            toy2d.PolicyStudent(make().requires_grad_(False), "gm", K=2)(x3, sigma)
+    flip = FlipReshape().requires_grad_(False)             # a layout given for a map that could be inferred: GM too
+    gm = toy2d.PolicyStudent(flip, "gm", K=3, bias_noise=0.0, layout=lambda y: y.view(-1, 2, 1).flip(1).reshape(-1, 2))
+    with torch.no_grad():
+        pol = gm(x, sigma)
+        torch.testing.assert_close(pol.velocity(x, sigma), flip(x, sigma), rtol=1e-5, atol=1e-5)
+    assert pol.logweights.shape == (16, 3, 1)
     with pytest.raises(SystemExit) as e:
         toy2d.main(["distill", "--teacher", "test_toy:Mixing", "--out", str(tmp_path / "d")])
     err = capsys.readouterr().err.strip()

@@ -468,19 +468,21 @@ class KnownGradient(trainer.Attachment):
     """student w (1 x 4, starts at 0); loss = 1000 + <w, A> (positive, so the guard's median test never fires):
     the gradient is A at every step, whatever w is."""
 
-    def __init__(self):
+    def __init__(self, nan_at=(), evals=None):
         self.student = torch.nn.Linear(4, 1, bias=False)
         with torch.no_grad():
             self.student.weight.zero_()
-        self.teacher, self.noise_shape = None, (1, 1, 1)
+        self.teacher, self.noise_shape, self.nan_at, self.evals = None, (1, 1, 1), set(nan_at), evals
+        if evals is not None:                                        # evaluate(student): record the weights it sees
+            self.evaluate = lambda student: evals.append(student.weight.detach().clone()) or {"w0": 1.0}
 
     def loss(self, step, g, n, backward):
-        loss = 1000 + (self.student.weight * A).sum()
+        loss = 1000 + (self.student.weight * A).sum() + (float("nan") if step in self.nan_at else 0.0)
         backward(loss)
         return loss.detach()
 
 
-def run_known(tmp_path, monkeypatch, **tc):
+def run_known(tmp_path, monkeypatch, att=None, rc=None, **tc):
     """train() on KnownGradient; records, at every optimizer step, (lr, grad, w before the step) read from the
     optimizer the trainer built. -> (records, final checkpoint)."""
     made, records = [], []
@@ -494,9 +496,10 @@ def run_known(tmp_path, monkeypatch, **tc):
         made.append(opt)
         return opt
     monkeypatch.setattr(trainer, "make_optimizer", make)
-    rc = trainer.RunConfig(out=str(tmp_path / "known"), log_every=0, ckpt_every=0, eval_every=0, progress=False)
-    trainer.train(lambda device, dtype: KnownGradient(), piflow.PiIDConfig(), trainer.TrainConfig(batch_size=1, **tc),
-                  {}, rc)
+    rc = rc or trainer.RunConfig(out=str(tmp_path / "known"), log_every=0, ckpt_every=0, eval_every=0,
+                                 progress=False)
+    trainer.train(lambda device, dtype: att or KnownGradient(), piflow.PiIDConfig(),
+                  trainer.TrainConfig(**dict(dict(batch_size=1), **tc)), {}, rc)
     assert len(made) == 1
     return records, ckpt(rc.out)
 
@@ -505,7 +508,8 @@ def test_gradient_clipping_starts_at_clip_start(tmp_path, monkeypatch):
     """Before clip_start the optimizer gets the raw gradient A (norm 5 > grad_clip); from clip_start on, A scaled to
     norm grad_clip (torch's clip_grad_norm_: factor grad_clip / (|g| + 1e-6)). AdamW's moments (which a constant
     gradient scale does not hide) equal the hand recursion over those gradients."""
-    recs, ck = run_known(tmp_path, monkeypatch, steps=4, clip_start=2, grad_clip=0.5, warmup=0, lr=1e-3)
+    recs, ck = run_known(tmp_path, monkeypatch, steps=4, clip_start=2, grad_clip=0.5, warmup=0, lr=1e-3,
+                         batch_size=4, micro_batch=2)          # 2 micro-batches: their mean gradient, A
     want = [A, A, A * 0.5 / (5 + 1e-6), A * 0.5 / (5 + 1e-6)]
     for s, ((_, grad, _), g) in enumerate(zip(recs, want)):
         torch.testing.assert_close(grad, g, rtol=1e-6, atol=0, msg=f"step {s}")
@@ -596,3 +600,57 @@ def test_non_finite_ema_is_never_written(tmp_path, capsys, monkeypatch):
     err = one_line_error(capsys)
     assert e.value.code == 3 and "non-finite" in err and "nothing written" in err, err
     assert not (out / "ckpt.pt").exists() and not exp.exists()
+
+
+def test_guard_reasons():
+    """Training.is_bad: a non-finite loss or gradient norm names which; a loss above max_loss_ratio x the median of the
+    recent good losses is bad, one equal to it is not."""
+    t = trainer.Training.__new__(trainer.Training)
+    t.tc, t.recent = trainer.TrainConfig(max_loss_ratio=10.0), [1.0, 2.0, 3.0]
+    assert t.is_bad(1.0, float("nan")) == "non-finite gradient norm"
+    assert t.is_bad(float("inf"), 1.0) == "non-finite loss" and t.is_bad(float("nan"), float("nan")) == "non-finite loss"
+    assert t.is_bad(20.0, 1.0) is None and "> 10 x the median" in t.is_bad(20.5, 1.0)
+    t.recent = []
+    assert t.is_bad(1e30, 1.0) is None
+
+
+def test_loop_cadence_progress_and_resume(tmp_path, monkeypatch, capsys):
+    """log / eval / checkpoint cadence of the loop on KnownGradient, 5 steps, every 2: the log has steps 2 and 4 with
+    the mean loss; evaluate sees the EMA weights (swapped in, then back) after steps 2 and 4; the checkpoints due
+    after steps 2 and 4 are written when steps 3 and 5 pass the guard, holding the weights after steps 2 and 4, then
+    the final one; the progress bar counts
+    to 5/5, also when resumed from step 3 (it starts at 3); the guard keeps the last 100 losses."""
+    saved, real = [], common.save_torch
+    monkeypatch.setattr(common, "save_torch", lambda obj, path: saved.append(obj) or real(obj, path))
+    evals, out = [], tmp_path / "cad"
+    rc = trainer.RunConfig(out=str(out), log_every=2, ckpt_every=2, eval_every=2, progress=True)
+    recs, ck = run_known(tmp_path, monkeypatch, att=KnownGradient(evals=evals), rc=rc, steps=5, warmup=0, lr=1e-2,
+                         ema_start=0, ema_gamma=1.0)
+    log = (out / "log.txt").read_text()
+    assert "step 2 | loss " in log and "step 4 | loss " in log and "step 3 |" not in log and "step 5 |" not in log
+    assert log.count("eval EMA: w0 1.0000") == 2
+    assert [s["step"] for s in saved] == [2, 4, 5] and torch.equal(saved[0]["student"]["weight"], recs[2][2])
+    assert torch.equal(saved[1]["student"]["weight"], recs[4][2])
+    assert len(evals) == 2 and not torch.equal(evals[0], recs[2][2])  # the EMA, not the raw weights
+    torch.testing.assert_close(evals[0], saved[0]["ema"]["weight"])
+    err = capsys.readouterr().err
+    assert "pi-ID: 100%" in err and "5/5" in err and "loss=999.6]" in err       # the postfix: the last loss
+    resumed = trainer.RunConfig(out=str(out), resume=True, log_every=0, ckpt_every=0, eval_every=0, progress=True)
+    run_known(tmp_path, monkeypatch, rc=resumed, steps=7, warmup=0, lr=1e-2, ema_start=0, ema_gamma=1.0)
+    err = capsys.readouterr().err
+    assert "7/7" in err and "0/7" not in err and ckpt(out)["step"] == 7
+    recs, ck = run_known(tmp_path / "long", monkeypatch, steps=102, warmup=0, lr=1e-4)
+    assert len(ck["recent_losses"]) == 100
+
+
+def test_bad_steps_count_in_a_row_and_final_weights_are_validated(tmp_path, monkeypatch, capsys):
+    """max_skips 2: one NaN step is skipped and training goes on; two in a row stop the run; a NaN loss of the final
+    weights (the validating loss at step = steps) stops it before the final checkpoint is written."""
+    recs, ck = run_known(tmp_path / "one", monkeypatch, att=KnownGradient(nan_at={1}), steps=4, warmup=0,
+                         max_skips=2)
+    assert ck["step"] == 4 and len(recs) == 3                        # step 1 not applied
+    with pytest.raises(trainer.Diverged, match="2 bad steps in a row"):
+        run_known(tmp_path / "two", monkeypatch, att=KnownGradient(nan_at={1, 2}), steps=4, warmup=0, max_skips=2)
+    with pytest.raises(trainer.Diverged, match="the final weights fail the guard"):
+        run_known(tmp_path / "final", monkeypatch, att=KnownGradient(nan_at={4}), steps=4, warmup=0)
+    assert not (tmp_path / "final" / "known" / "ckpt.pt").exists()

@@ -42,7 +42,7 @@ FAST_TRAINER = ("clipping or learning_rate or ema_decay or resume_continues or b
 TARGETS = {
     "core": ("piflow.py", ["test_piflow.py", "-k", "not end_to_end"], None),
     "trainer": ("runtime/trainer.py", ["tests/test_trainer.py", "-k", "clipping or learning_rate or ema_decay or "
-                                                                      "guard_counts or bad_steps or lr_1e6 or non_finite_ema"],
+                                       "guard or bad_steps or lr_1e6 or non_finite_ema or cadence or count_in_a_row"],
                 [f"runtime.trainer.{f}__*" for f in ("x_lr_at", "x_micro_seed", "xǁTrainingǁgradients",
                                                       "xǁTrainingǁis_bad", "xǁTrainingǁloop")]),
     "trainer-io": ("runtime/trainer.py", ["tests/test_trainer.py", "-k", FAST_TRAINER],
