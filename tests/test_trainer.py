@@ -628,7 +628,7 @@ def test_loop_cadence_progress_and_resume(tmp_path, monkeypatch, capsys):
                          ema_start=0, ema_gamma=1.0)
     log = (out / "log.txt").read_text()
     assert "step 2 | loss " in log and "step 4 | loss " in log and "step 3 |" not in log and "step 5 |" not in log
-    assert log.count("eval EMA: w0 1.0000") == 2
+    assert log.count("eval EMA: w0 1.0000") == 2 and "step 2 | eval EMA" in log and "step 4 | eval EMA" in log
     assert [s["step"] for s in saved] == [2, 4, 5] and torch.equal(saved[0]["student"]["weight"], recs[2][2])
     assert torch.equal(saved[1]["student"]["weight"], recs[4][2])
     assert len(evals) == 2 and not torch.equal(evals[0], recs[2][2])  # the EMA, not the raw weights
@@ -639,6 +639,7 @@ def test_loop_cadence_progress_and_resume(tmp_path, monkeypatch, capsys):
     run_known(tmp_path, monkeypatch, rc=resumed, steps=7, warmup=0, lr=1e-2, ema_start=0, ema_gamma=1.0)
     err = capsys.readouterr().err
     assert "7/7" in err and "0/7" not in err and ckpt(out)["step"] == 7
+    assert int(ckpt(out)["opt"]["state"]["weight"]["step"]) == 7        # steps 5 and 6 only, after the 5 of run 1
     recs, ck = run_known(tmp_path / "long", monkeypatch, steps=102, warmup=0, lr=1e-4)
     assert len(ck["recent_losses"]) == 100
 
