@@ -389,7 +389,8 @@ def test_policy_student_reads_through_the_teachers_post_processing(make, shape, 
     for B in (shape[0], shape[0] // 2):                   # two batch sizes: the map is inferred per input shape
         x = torch.randn((B,) + shape[1:], generator=torch.Generator().manual_seed(B))
         sigma, cond = torch.rand(B) * 0.9 + 0.1, (torch.arange(B) % 5 if conditional else None)
-        student = student if B < shape[0] else toy2d.PolicyStudent(teacher, policy, K=3, N=4, bias_noise=0.0)
+        student = student if B < shape[0] else toy2d.PolicyStudent(teacher, policy, K=3, N=4, bias_noise=0.0,
+                                                                   cfg=piflow.PiIDConfig(shift=3.2))
         with torch.no_grad():
             u, pol = piflow.call(teacher, x, sigma, cond), student(x, sigma, cond)
             v = pol.velocity(x, sigma)
@@ -399,7 +400,7 @@ def test_policy_student_reads_through_the_teachers_post_processing(make, shape, 
     if policy == "gm":
         assert pol.logweights.shape == (B, 3, 1) + tuple(shape[2:])
     else:                                                  # the DX grid spans one training step (dx_grid)
-        assert student.segment_size == piflow.dx_grid(piflow.PiIDConfig())["segment_size"]
+        assert (student.segment_size, student.shift) == (piflow.dx_grid(piflow.PiIDConfig())["segment_size"], 3.2)
         torch.testing.assert_close(pol.tau_dst, (piflow.unwarp_time(sigma, student.shift) - student.segment_size)
                                    .clamp(min=0).to(pol.tau_dst.dtype))
     loss = student(x, sigma, cond).velocity(x, sigma).pow(2).sum()        # the head and trunk train, the layer stays
@@ -436,3 +437,13 @@ def test_policy_student_asks_for_the_layout_it_cannot_infer(tmp_path, capsys):
         toy2d.main(["distill", "--teacher", "test_toy:Mixing", "--out", str(tmp_path / "d")])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "pass layout=" in err, err
+
+
+def test_policy_student_defaults():
+    """PolicyStudent(teacher): a GM head of K = 8 with bias noise of std 0.05 (§5.1); policy='dx': N = 10 copies."""
+    teacher = FlipReshape().requires_grad_(False)
+    torch.manual_seed(0)
+    gm, dx = toy2d.PolicyStudent(teacher), toy2d.PolicyStudent(teacher, "dx")
+    assert gm.policy == "gm" and gm.proj_out_means.out_features == 8 * 2 and dx.proj_out.out_features == 10 * 2
+    noise = gm.proj_out_means.bias.detach().view(8, 2) - teacher.out.bias
+    assert 0.02 < float(noise.std()) < 0.09
