@@ -655,3 +655,69 @@ def test_bad_steps_count_in_a_row_and_final_weights_are_validated(tmp_path, monk
     with pytest.raises(trainer.Diverged, match="the final weights fail the guard"):
         run_known(tmp_path / "final", monkeypatch, att=KnownGradient(nan_at={4}), steps=4, warmup=0)
     assert not (tmp_path / "final" / "known" / "ckpt.pt").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# runtime/common.py helpers, by hand
+# ------------------------------------------------------------------------------------------------
+
+def test_common_flag_helpers():
+    """--temperature parsing, old underscore spellings, one-line messages, settings -> dataclass, flag names."""
+    import argparse
+    assert common.parse_temperature("none") is None and common.parse_temperature("auto") == "auto"
+    assert common.parse_temperature("0.5") == 0.5 and common.parse_temperature("3") == 3.0
+    for bad in ("0", "-1", "inf", "nan", "abc", "NONE", "Auto"):
+        with pytest.raises(argparse.ArgumentTypeError, match="a finite value > 0"):
+            common.parse_temperature(bad)
+    assert common.hyphenate(["--batch_size=8", "--a_b", "x_y", "--", "-k_v", "--x_y=a_b=c"]) == \
+        ["--batch-size=8", "--a-b", "x_y", "--", "-k_v", "--x-y=a_b=c"]
+    assert common.first_line(ValueError("")) == "ValueError" and common.first_line(ValueError(" a\nb")) == "a"
+    assert common.first_line(ValueError("x" * 300)) == "x" * 200
+    tc = common.from_settings(trainer.TrainConfig, {"guidance_interval": [0.1, 0.5], "steps": 3, "junk": 1})
+    assert tc.guidance_interval == (0.1, 0.5) and isinstance(tc.guidance_interval, tuple) and tc.steps == 3
+    assert common._flag_message(ValueError("lr=1e-3 is not accepted; x=y"), {"lr"}) == \
+        "--lr=1e-3 is not accepted; x=y"
+    assert common._flag_message(ValueError("other=1 is not accepted"), {"lr"}) == "other=1 is not accepted"
+    with pytest.raises(common.UserError) as e:
+        common.check_finite_output(torch.tensor([1.0, float("nan")]), "x")
+    assert str(e.value) == "x: 1 of 2 values are NaN or inf; nothing written"
+    common.check_finite_output(torch.arange(3), "integers")                      # nothing to check
+
+
+def test_save_atomic_temporary_file_and_mode(tmp_path, monkeypatch):
+    """save_atomic writes a temporary file beside the target (PATH.<random>.tmp, same folder: os.replace is atomic
+    only within one file system), with the mode a plain open() would give (0o666 & ~umask), and removes it when the
+    write fails (the write's own error propagates)."""
+    seen, replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: seen.append(a) or replace(a, b))
+    old = os.umask(0o022)
+    try:
+        common.save_text(str(tmp_path / "a.txt"), "hello")
+    finally:
+        os.umask(old)
+    tmp = seen[0]
+    assert os.path.dirname(tmp) == str(tmp_path) and os.path.basename(tmp).startswith("a.txt.") and tmp.endswith(".tmp")
+    assert (tmp_path / "a.txt").read_text() == "hello" and (os.stat(tmp_path / "a.txt").st_mode & 0o777) == 0o644
+
+    def failing(path):
+        open(path, "w").write("half")
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"):
+        common.save_atomic(str(tmp_path / "b.txt"), failing)
+    assert sorted(os.listdir(tmp_path)) == ["a.txt"]
+
+
+def test_read_json_names_the_file(tmp_path):
+    """common.read_json: the parsed object; malformed JSON, a missing file or bytes that are not UTF-8 give one
+    UserError naming the file and what is wrong."""
+    good, bad, binary = tmp_path / "good.json", tmp_path / "bad.json", tmp_path / "bin.json"
+    good.write_text('{"a": [1, 2]}')
+    bad.write_text('{"a": 1,\n "b": }')
+    binary.write_bytes(b"\xff\xfe\x00")
+    assert common.read_json(str(good), "--x") == {"a": [1, 2]}
+    with pytest.raises(common.UserError) as e:
+        common.read_json(str(bad), "--x")
+    assert str(e.value) == f"--x: {str(bad)!r} is not valid JSON (Expecting value at line 2, column 7)"
+    for path, says in ((tmp_path / "missing.json", "FileNotFoundError"), (binary, "UnicodeDecodeError")):
+        with pytest.raises(common.UserError, match=f"--x: .* cannot be read \\({says}"):
+            common.read_json(str(path), "--x")

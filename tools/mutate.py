@@ -49,7 +49,8 @@ TARGETS = {
                    [f"runtime.trainer.{f}__*" for f in ("x_micro_loss", "x_read_checkpoint", "xǁTrainingǁsave")]),
     "common": ("runtime/common.py", ["tests/test_trainer.py", "tests/test_toy.py", "-k",
                                      FAST_TRAINER + " or bad_input or factory_errors or failed_allocation or "
-                                     "equal_tensors or unwritable or pickle"],
+                                     "equal_tensors or unwritable or pickle or common_flag or save_atomic_temp or "
+                                     "read_json"],
                [f"runtime.common.{f}__*" for f in (
                    "x_first_line", "x_is_out_of_memory", "x_user_errors", "x_hyphenate", "x_from_settings",
                    "x__flag_message", "x_check", "x_parse_temperature", "x_load_tensors", "x_save_atomic",
@@ -138,7 +139,8 @@ def run_target(name, args):
     detected = sum(counts.get(k, 0) for k in ("killed", "timeout", "segfault"))   # segfault: worker killed
     score = detected / max(tested, 1)
     summary = (f"mutmut 3.8.1 on {source}, tests: {' '.join(tests)}, {args.jobs} worker(s)\n"
-               + (f"mutants of: {' '.join(wanted)}\n" if wanted else "")
+               + (f"mutants of: {' '.join(wanted)}\n" if globs and not args.mutants else
+                  f"{len(args.mutants)} named mutants\n" if args.mutants else "")
                + f"mutants {len(status)}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
                + f"\nscore (killed + timeout + segfault) / (all - no tests - not checked) = {detected} / {tested} = "
                f"{score:.1%}\nwall time {wall / 60:.1f} min, CPU time {cpu / 60:.1f} min (load average at the end "
