@@ -721,3 +721,22 @@ def test_read_json_names_the_file(tmp_path):
     for path, says in ((tmp_path / "missing.json", "FileNotFoundError"), (binary, "UnicodeDecodeError")):
         with pytest.raises(common.UserError, match=f"--x: .* cannot be read \\({says}"):
             common.read_json(str(path), "--x")
+
+
+def test_check_writable_and_memory(tmp_path):
+    """check_writable refuses a path under a regular file and, for a file output, a folder (a symlink to a folder is
+    a publish_dir export and passes); check_memory refuses only more bytes than the machine has."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for path, is_dir in ((blocker / "x.png", False), (blocker / "d", True), (blocker, True)):
+        with pytest.raises(common.UserError, match="is not a writable folder"):
+            common.check_writable(str(path), "--out", is_dir=is_dir)
+    with pytest.raises(common.UserError, match="is a folder; expected a file path"):
+        common.check_writable(str(tmp_path), "--out")
+    os.symlink(str(tmp_path), str(tmp_path / "link"))
+    common.check_writable(str(tmp_path / "link"), "--export")
+    common.check_writable(str(tmp_path / "new" / "deeper"), "--out", is_dir=True)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    common.check_memory(total, "--x", 1, "it")
+    with pytest.raises(common.UserError, match=r"--x=2 is not accepted: it alone need .* GiB; lower --x"):
+        common.check_memory(total + 1, "--x", 2, "it")

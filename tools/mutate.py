@@ -50,7 +50,7 @@ TARGETS = {
     "common": ("runtime/common.py", ["tests/test_trainer.py", "tests/test_toy.py", "-k",
                                      FAST_TRAINER + " or bad_input or factory_errors or failed_allocation or "
                                      "equal_tensors or unwritable or pickle or common_flag or save_atomic_temp or "
-                                     "read_json"],
+                                     "read_json or check_writable_and"],
                [f"runtime.common.{f}__*" for f in (
                    "x_first_line", "x_is_out_of_memory", "x_user_errors", "x_hyphenate", "x_from_settings",
                    "x__flag_message", "x_check", "x_parse_temperature", "x_load_tensors", "x_save_atomic",
