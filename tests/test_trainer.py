@@ -726,9 +726,11 @@ def test_read_json_names_the_file(tmp_path):
 def test_check_writable_and_memory(tmp_path):
     """check_writable refuses a path under a regular file and, for a file output, a folder (a symlink to a folder is
     a publish_dir export and passes); check_memory refuses only more bytes than the machine has."""
-    blocker = tmp_path / "file"
+    blocker, script = tmp_path / "file", tmp_path / "script"
     blocker.write_text("x")
-    for path, is_dir in ((blocker / "x.png", False), (blocker / "d", True), (blocker, True)):
+    script.write_text("x")
+    os.chmod(script, 0o755)                                # accessible (w + x), but not a folder
+    for path, is_dir in ((blocker / "x.png", False), (blocker / "d", True), (blocker, True), (script / "x", False)):
         with pytest.raises(common.UserError, match="is not a writable folder"):
             common.check_writable(str(path), "--out", is_dir=is_dir)
     with pytest.raises(common.UserError, match="is a folder; expected a file path"):
