@@ -620,6 +620,8 @@ def test_loop_cadence_progress_and_resume(tmp_path, monkeypatch, capsys):
     after steps 2 and 4 are written when steps 3 and 5 pass the guard, holding the weights after steps 2 and 4, then
     the final one; the progress bar counts
     to 5/5, also when resumed from step 3 (it starts at 3); the guard keeps the last 100 losses."""
+    import tqdm
+    monkeypatch.setattr(tqdm.tqdm, "monitor_interval", 0)      # no monitor thread (forked mutation workers hang)
     saved, real = [], common.save_torch
     monkeypatch.setattr(common, "save_torch", lambda obj, path: saved.append(obj) or real(obj, path))
     evals, out = [], tmp_path / "cad"
