@@ -390,7 +390,7 @@ def test_policy_student_reads_through_the_teachers_post_processing(make, shape, 
         x = torch.randn((B,) + shape[1:], generator=torch.Generator().manual_seed(B))
         sigma, cond = torch.rand(B) * 0.9 + 0.1, (torch.arange(B) % 5 if conditional else None)
         student = student if B < shape[0] else toy2d.PolicyStudent(teacher, policy, K=3, N=4, bias_noise=0.0,
-                                                                   cfg=piflow.PiIDConfig(shift=3.2))
+                                                                   cfg=piflow.PiIDConfig(nfe=4, shift=3.2))
         with torch.no_grad():
             u, pol = piflow.call(teacher, x, sigma, cond), student(x, sigma, cond)
             v = pol.velocity(x, sigma)
@@ -400,9 +400,10 @@ def test_policy_student_reads_through_the_teachers_post_processing(make, shape, 
     if policy == "gm":
         assert pol.logweights.shape == (B, 3, 1) + tuple(shape[2:])
     else:                                                  # the DX grid spans one training step (dx_grid)
-        assert (student.segment_size, student.shift) == (piflow.dx_grid(piflow.PiIDConfig())["segment_size"], 3.2)
-        torch.testing.assert_close(pol.tau_dst, (piflow.unwarp_time(sigma, student.shift) - student.segment_size)
-                                   .clamp(min=0).to(pol.tau_dst.dtype))
+        assert (student.segment_size, student.shift) == (0.25, 3.2)            # 1 / NFE at 4 NFE
+        tau_dst = (piflow.unwarp_time(sigma, 3.2) - 0.25).clamp(min=0)
+        assert tau_dst.max() > 0.1
+        torch.testing.assert_close(pol.tau_dst, tau_dst.to(pol.tau_dst.dtype))
     loss = student(x, sigma, cond).velocity(x, sigma).pow(2).sum()        # the head and trunk train, the layer stays
     loss.backward()
     assert student.body.out.weight.grad is None and all(p.grad is None for p in teacher.parameters())

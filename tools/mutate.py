@@ -55,7 +55,8 @@ TARGETS = {
                    "x_first_line", "x_is_out_of_memory", "x_user_errors", "x_hyphenate", "x_from_settings",
                    "x__flag_message", "x_check", "x_parse_temperature", "x_load_tensors", "x_save_atomic",
                    "x_check_writable", "x_check_finite", "x_check_finite_output", "x_check_memory", "x_read_json")]),
-    "toy2d": ("labs/toy2d.py", ["tests/test_toy.py", "-k", "post_processing or layout_it_cannot or factory_errors"],
+    "toy2d": ("labs/toy2d.py", ["tests/test_toy.py", "-k", "post_processing or layout_it_cannot or factory_errors or "
+                                                          "policy_student_defaults"],
               ["labs.toy2d.xǁPolicyStudentǁ*", "labs.toy2d.x_load_factory__*", "labs.toy2d.x_import_function__*"]),
     "sit": ("models/sit.py", ["tests/test_sit.py", "-k", "teacher_and_gm_student_match or training_teacher_guidance "
                                                          "or students_start or logstd_head or native_sit"],
