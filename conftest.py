@@ -8,6 +8,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
+collect_ignore_glob = ["runs/*"]       # run folders, e.g. tools/mutate.py's copies of the tree (runs/mutation/*/tree)
+
 
 @pytest.fixture(scope="module")
 def flush_denormals():

@@ -616,8 +616,8 @@ def resolve_temperature(temperature, nfe):
     if temperature == "auto":
         T = auto_temperature(nfe)
         return T if T > 0 else None
-    if temperature is not None and not (isinstance(temperature, (int, float)) and temperature > 0):
-        _fail("temperature", temperature, "None, 'auto' or a value > 0")
+    if temperature is not None and not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
+        _fail("temperature", temperature, "None, 'auto' or a finite value > 0")
     return temperature
 
 
@@ -656,9 +656,9 @@ def sample(student, noise, cond=None, nfe=None, shift=None, final_step_scale=Non
     taus, sigmas = nfe_schedule(nfe, shift, c["final_step_scale"])
     T = resolve_temperature(temperature, nfe)
     steps = range(nfe)
-    if progress:
+    if progress:                                                          # a number: the bar's delay in seconds
         from tqdm import tqdm
-        steps = tqdm(steps, desc="pi-Flow sampling")
+        steps = tqdm(steps, desc="pi-Flow sampling", delay=0 if progress is True else float(progress))
     x = noise
     for i in steps:
         tau_src, tau_dst = as_batch(float(taus[i]), x), as_batch(float(taus[i + 1]), x)
@@ -670,11 +670,15 @@ def sample(student, noise, cond=None, nfe=None, shift=None, final_step_scale=Non
 
 
 @torch.no_grad()
-def teacher_euler(teacher, noise, cond, sigmas):
+def teacher_euler(teacher, noise, cond, sigmas, progress=False):
     """The teacher's own few-step sampler (Fig. 2a): Euler steps of dx/dsigma = G_theta(x, sigma) through the
-    noise levels `sigmas` (1 -> 0), e.g. nfe_schedule(...)[1] or sample(..., return_schedule=True)'s."""
-    x = noise
-    for i in range(len(sigmas) - 1):
+    noise levels `sigmas` (1 -> 0), e.g. nfe_schedule(...)[1] or sample(..., return_schedule=True)'s. progress: as
+    in sample()."""
+    x, steps = noise, range(len(sigmas) - 1)
+    if progress:
+        from tqdm import tqdm
+        steps = tqdm(steps, desc="teacher Euler", delay=0 if progress is True else float(progress))
+    for i in steps:
         s = as_batch(float(sigmas[i]), x)
         x = x + call(teacher, x, s, cond) * float(sigmas[i + 1] - sigmas[i])
     return x

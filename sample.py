@@ -22,6 +22,7 @@ from runtime import common
 
 MODELS = {"toy": "models.toy", "imagenet": "models.sit", "flux": "models.pipelines", "flux2": "models.pipelines",
           "qwen": "models.pipelines", "sd3": "models.pipelines"}     # --model -> the module that samples it
+SIZED_BY = {"toy": "--per-class", "imagenet": "--batch-size (grids: --per-class; --npz: --num-samples)"}
 
 
 def parser_for(model):
@@ -52,7 +53,7 @@ def main(argv=None):
     common.check(args, [("nfe", args.nfe is None or args.nfe >= 1, "an integer >= 1"),
                         ("out", args.out.lower().endswith(".png"), "a .png path"),
                         ("threads", args.threads >= 0, "an integer >= 0")], p)
-    with common.user_errors("sample.py"):
+    with common.user_errors("sample.py", sized_by=SIZED_BY.get(model, "--batch-size / --height / --width")):
         common.check_writable(args.out.format(nfe=args.nfe or 0), "--out")
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -3,13 +3,13 @@
     python -m labs.toy2d lab                              # teacher + GM/DX students at 1/2/4 NFE -> assets/toy2d.png
     python -m labs.toy2d distill --teacher labs.toy2d:checkerboard_teacher --nfe 4 --out runs/distill   # any teacher
 
-Any network u = G(x_t, sigma[, cond]) on vectors x_t (B, C) whose last layer is an nn.Linear (width -> C) becomes
-a π-Flow student with `PolicyStudent(teacher, out="out")`: a copy of the teacher whose output layer is widened
-into a GM (or DX) head initialised from it (§5.1; piflow.add_gm_head / init_gm_head / init_dx_head).
-`distill()` trains it with the project's one loop (trainer.train) on data-free π-ID (Alg. 3); `alignment()`
-measures it against the teacher's many-step ODE (RK4, 256 teacher calls) from the same noise, next to the
-teacher's own Euler sampler at the same NFE. For image networks whose output layer feeds a reshape (patches,
-channels), write the head into the network's forward instead, as toy.ToyStudent and sit.py do.
+Any network u = G(x_t, sigma[, cond]) whose velocity comes out of one nn.Linear (width -> C_out), followed by any
+reshape, unpatchify, permutation, scale or skip connection, becomes a π-Flow student with
+`PolicyStudent(teacher, out="out")`: a copy of the teacher whose output layer gets a GM (or DX) head initialised
+from it (§5.1; piflow.add_gm_head / init_gm_head / init_dx_head), fed through a forward hook; the teacher's own
+forward places the head's outputs in x's layout. `distill()` trains it with the project's one loop (trainer.train)
+on data-free π-ID (Alg. 3); `alignment()` measures it against the teacher's many-step ODE (RK4, 256 teacher calls)
+from the same noise, next to the teacher's own Euler sampler at the same NFE.
 """
 import argparse
 import copy
@@ -86,24 +86,34 @@ def checkerboard_teacher():
 
 class PolicyStudent(nn.Module):
     """G_phi(x_t, sigma[, cond]) -> policy: a copy of `teacher` whose output layer (the nn.Linear at attribute
-    path `out`, width -> C) is widened into a policy head initialised from it (§5.1).
+    path `out`, width -> C_out) gets a policy head initialised from it (§5.1), read through a forward hook as
+    t2i.T2IStudent does, so the teacher's forward may post-process that layer's output in any affine, element-wise
+    way (reshape, unpatchify, permute, scale, a skip connection that adds x).
 
+    The head maps the layer's input h (one row per call of the layer on a token / sample) to K copies of its
+    output (GM means, DX grid) and K logits per row. Each copy is placed in x's layout by the teacher's own map
+    y -> u: u = s * y[idx] + b(x), with idx and s inferred once per input shape by probing the forward with
+    replaced layer outputs, and b(x) = u - s * y[idx] of the actual forward (a skip connection). Where the map is
+    not of that form, a ValueError says so: pass layout(y) -> u's layout (a function of the layer's output).
     GM: means = the teacher's layer repeated K times + N(0, bias_noise^2) bias noise, uniform weights, s = 0.05
     (so at step 0 the policy's velocity at (x_src, sigma_src) is the teacher's up to the mean bias noise); the
-    log-std MLP reads a sinusoidal embedding of sigma. DX: N identical copies. x_t: (B, C)."""
+    log-std MLP reads a sinusoidal embedding of sigma; one GM weight per row, shared by the elements of x it
+    produces (all channels of a pixel must come from one row). DX: N identical copies."""
 
-    def __init__(self, teacher, policy="gm", K=8, N=10, cfg=piflow.PiIDConfig(), out="out", bias_noise=0.05):
+    def __init__(self, teacher, policy="gm", K=8, N=10, cfg=piflow.PiIDConfig(), out="out", bias_noise=0.05,
+                 layout=None):
         super().__init__()
         if policy not in ("gm", "dx"):
             raise ValueError(f"policy={policy!r} is not accepted; expected gm or dx")
         self.body = copy.deepcopy(teacher).train().requires_grad_(True)
-        *path, name = out.split(".")
-        parent = self.body.get_submodule(".".join(path))
-        layer = getattr(parent, name, None)
+        try:
+            layer = self.body.get_submodule(out)
+        except AttributeError:
+            layer = None
         if not isinstance(layer, nn.Linear):
             raise ValueError(f"out={out!r} is not an nn.Linear of the teacher; name its output layer")
-        setattr(parent, name, nn.Identity())                                  # the body now returns features h
-        W, b = layer.weight.detach(), layer.bias.detach()                     # (C, width), (C,)
+        layer.requires_grad_(False)             # kept for the teacher's own post-processing; the head replaces it
+        W, b = layer.weight.detach(), layer.bias.detach()                     # (C_out, width), (C_out,)
         self.policy, self.K, self.N, self.C, width = policy, K, N, layer.out_features, layer.in_features
         if policy == "gm":
             piflow.add_gm_head(self, width, K, self.C, emb_dim=64, logstd_inner_dim=64)
@@ -112,17 +122,103 @@ class PolicyStudent(nn.Module):
             self.proj_out = piflow.init_dx_head(nn.Linear(width, N * self.C), W, b, N, self.C, channel_last=False)
         grid = piflow.dx_grid(cfg)
         self.segment_size, self.shift = grid["segment_size"], grid["shift"]
+        self.out_name, self.layout, self._maps = out, layout, {}
+        self._seen, self._replace = [], None
+        layer.register_forward_hook(self._grab)
+
+    def _grab(self, module, args, y):
+        self._seen.append((args[0], y))
+        return None if self._replace is None else self._replace.reshape(y.shape).to(y.dtype)
+
+    def _run(self, x_t, sigma, cond, replace=None):
+        """The body's forward -> (u, h, y) of the one call of the output layer (y replaced by `replace`)."""
+        self._seen, self._replace = [], replace
+        try:
+            u = piflow.call(self.body, x_t, sigma, cond)
+        finally:
+            self._replace = None
+        if len(self._seen) != 1:
+            raise ValueError(f"out={self.out_name!r} ran {len(self._seen)} times in one forward of the teacher; "
+                             "name the layer that produces the velocity once")
+        h, y = self._seen[0]
+        self._seen = []
+        if u.shape != x_t.shape:
+            raise ValueError(f"the teacher returned {tuple(u.shape)} for x_t of shape {tuple(x_t.shape)}")
+        return u, h, y
+
+    @torch.no_grad()
+    def infer_layout(self, x_t, sigma, cond=None):
+        """(idx, s): u = s * y.flatten()[idx] + b(x) for this input shape, found by three probes of the forward
+        (y = 0, y = 1, y = 1..n); a ValueError naming what fails otherwise."""
+        _, _, y = self._run(x_t, sigma, cond)
+        n = y.numel()
+        if n >= 2 ** 24:
+            raise ValueError(f"out={self.out_name!r}: {n} outputs are too many to map by probing; pass layout=")
+        u0 = self._run(x_t, sigma, cond, torch.zeros(n, dtype=torch.float64))[0].double()
+        s = self._run(x_t, sigma, cond, torch.ones(n, dtype=torch.float64))[0].double() - u0
+        ramp = self._run(x_t, sigma, cond, torch.arange(1, n + 1, dtype=torch.float64))[0].double() - u0
+        why = None
+        if not bool((s.abs() > 1e-6).all()):
+            why = "some elements of u do not depend on it"
+        else:
+            pos = ramp / s
+            idx = pos.round()
+            if not bool(((pos - idx).abs() < 1e-3).all() & (idx >= 1).all() & (idx <= n).all()):
+                why = "an element of u mixes several of its outputs (not a reshape, permutation, scale or skip)"
+        if why is None:
+            idx = idx.long() - 1
+            check = torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            got = self._run(x_t, sigma, cond, check)[0].double() - u0
+            if not torch.allclose(got, s * check[idx], rtol=1e-4, atol=1e-5 * float(s.abs().max())):
+                why = "its map to u is not linear"
+        if why is not None:
+            raise ValueError(f"out={self.out_name!r}: cannot infer how the teacher's forward maps that layer's output "
+                             f"to x's layout ({why}); pass layout=f with f(y) -> u's layout")
+        return idx, s.to(x_t.dtype)
+
+    def _place(self, copies_y, y, u, x_t, sigma, cond):
+        """copies (B', R, M, C_out) of the layer output (M per row) -> (B, M, *x_t.shape[1:]) in x's layout, + b(x)."""
+        R, M = copies_y.shape[0] * copies_y.shape[1], copies_y.shape[2]
+        rows = copies_y.reshape(R, M, self.C)
+        if self.layout is not None:                                       # the user's map of the layer output
+            placed = torch.stack([self.layout(rows[:, m].reshape(y.shape)) for m in range(M)], 1)
+            return placed + (u - self.layout(y))[:, None]
+        key = (tuple(x_t.shape), tuple(y.shape))
+        if key not in self._maps:
+            self._maps[key] = self.infer_layout(x_t, sigma, cond)
+        idx, s = self._maps[key]
+        flat = rows.transpose(0, 1).reshape(M, -1)                        # (M, R C_out) in y's element order
+        placed = (flat[:, idx] * s).movedim(0, 1)                         # (B, M, *x shape)
+        return placed + (u - s * y.reshape(-1)[idx])[:, None]
 
     def forward(self, x_t, sigma, cond=None):
-        B, sigma = x_t.shape[0], piflow.as_batch(sigma, x_t)
-        h = piflow.call(self.body, x_t, sigma, cond)                           # (B, width)
-        if self.policy == "gm":
-            emb = toy.timestep_embedding(sigma, 64)
-            return piflow.gm_policy(self.proj_out_means(h).view(B, self.K, self.C),
-                                    self.proj_out_logweights(h).view(B, self.K, 1), piflow.gm_logstds(self, emb),
-                                    x_t, sigma)
-        grid_u = self.proj_out(h).view(B, self.N, self.C)
-        return piflow.DXPolicy(grid_u, x_t, sigma, self.segment_size, self.shift)
+        sigma = piflow.as_batch(sigma, x_t)
+        u, h, y = self._run(x_t, sigma, cond)
+        h = h.reshape(-1, h.shape[-1])                                    # (R, width): one row per layer call
+        if self.policy == "dx":
+            grid_y = self.proj_out(h).view(1, -1, self.N, self.C)
+            return piflow.DXPolicy(self._place(grid_y, y, u, x_t, sigma, cond), x_t, sigma, self.segment_size,
+                                   self.shift)
+        means = self._place(self.proj_out_means(h).view(1, -1, self.K, self.C), y, u, x_t, sigma, cond)
+        logits = self.proj_out_logweights(h)                              # (R, K)
+        row = self._row_of(x_t, sigma, cond, y)                           # (B, *spatial): the row of each pixel
+        logits = logits[row].movedim(-1, 1).unsqueeze(2)                  # (B, K, 1, *spatial)
+        emb = toy.timestep_embedding(sigma, 64)
+        return piflow.gm_policy(means, logits, piflow.gm_logstds(self, emb), x_t, sigma)
+
+    def _row_of(self, x_t, sigma, cond, y):
+        """The row of y (layer call) that produces each pixel of x (all its channels, dim 1), (B, *x.shape[2:])."""
+        if self.layout is not None:
+            rows = self.layout(torch.arange(y.numel(), device=y.device).reshape(y.shape).double()).long() // self.C
+        else:
+            key = (tuple(x_t.shape), tuple(y.shape))
+            if key not in self._maps:
+                self._maps[key] = self.infer_layout(x_t, sigma, cond)
+            rows = self._maps[key][0] // self.C
+        if not bool((rows == rows[:, :1]).all()):
+            raise ValueError(f"out={self.out_name!r}: the channels of one pixel of x come from different rows of "
+                             "that layer; a GM weight per row cannot be shared by them (use policy='dx')")
+        return rows[:, 0]
 
 
 class Distillation(trainer.Attachment):
@@ -144,15 +240,16 @@ START = dict(nfe=4, shift=1.0, total_substeps=128, num_intermediate=2, steps=100
 
 
 def distill(teacher, out, policy="gm", K=8, N=10, noise_shape=(2,), teacher_out="out", sample_cond=None,
-            name="teacher", **settings):
+            name="teacher", layout=None, **settings):
     """Distill `teacher` into a π-Flow student with trainer.train; returns the EMA student (student.piid_config
-    holds its schedule, so piflow.sample(student, noise) keeps it). settings: PiIDConfig / TrainConfig fields."""
+    holds its schedule, so piflow.sample(student, noise) keeps it). settings: PiIDConfig / TrainConfig fields;
+    layout: see PolicyStudent (only where the map of teacher_out's output to x cannot be inferred)."""
     s = dict(START, window_substeps=3 if policy == "dx" else 0, **settings)
     cfg, tc = common.from_settings(piflow.PiIDConfig, s), common.from_settings(trainer.TrainConfig, s)
     meta = trainer.settings_of(cfg, tc, teacher=name, policy=policy, K=K, N=N, teacher_out=teacher_out)
     rc = trainer.RunConfig(out=out, overwrite=True, log_every=0, ckpt_every=0, eval_every=0, progress=False)
-    build = lambda device, dtype: Distillation(teacher, PolicyStudent(teacher, policy, K, N, cfg, teacher_out),
-                                               noise_shape, sample_cond)
+    build = lambda device, dtype: Distillation(teacher, PolicyStudent(teacher, policy, K, N, cfg, teacher_out,
+                                                                      layout=layout), noise_shape, sample_cond)
     att, ema = trainer.train(build, cfg, tc, meta, rc)
     trainer.load_into(att.trainable(), ema)
     return att.student.eval()
@@ -241,6 +338,7 @@ def lab2d(out_png=ASSET, run_dir="runs/toy2d", steps=500, n_points=2000, log=pri
     ref_paths = list(euler_path(teacher, starts, 256)[0].transpose(0, 1))
 
     def panel(name, nfe, x, path, calls):
+        common.check_finite_output(x, f"{name} samples at NFE {nfe}")
         m = (toy.teacher_alignment(x, ref), hit_rate(x))
         table.append(f"| {name} | {nfe} | {m[0]:.4f} | {m[1]:.3f} |")
         log(table[-1])
@@ -288,15 +386,31 @@ def lab2d(out_png=ASSET, run_dir="runs/toy2d", steps=500, n_points=2000, log=pri
     return table
 
 
-def load_factory(spec):
-    """'module:function' -> the teacher the function returns (an nn.Module)."""
+def import_function(spec, flag, returns):
+    """'module:function' -> the function, with one-line errors naming `flag`."""
     mod, _, fn = spec.partition(":")
     try:
-        factory = getattr(importlib.import_module(mod), fn)
+        f = getattr(importlib.import_module(mod), fn)
     except (ImportError, AttributeError, ValueError) as e:
-        raise common.UserError(f"--teacher={spec!r} cannot be imported ({type(e).__name__}: {e}); expected "
-                               "module:function returning the teacher network") from None
-    return factory().eval().requires_grad_(False)
+        raise common.UserError(f"{flag}={spec!r} cannot be imported ({type(e).__name__}: {e}); expected "
+                               f"module:function {returns}") from None
+    if not callable(f):
+        raise common.UserError(f"{flag}={spec!r} is a {type(f).__name__}, not a function; expected module:function "
+                               f"{returns}")
+    return f
+
+
+def load_factory(spec):
+    """'module:function' -> the teacher the function returns (an nn.Module). Whatever goes wrong in the user's
+    factory is one UserError naming --teacher."""
+    factory = import_function(spec, "--teacher", "returning the teacher network")
+    try:
+        teacher = factory()
+    except Exception as e:  # noqa: BLE001 - the user's code: any failure is reported in one line
+        raise common.UserError(f"--teacher={spec!r} failed: {type(e).__name__}: {common.first_line(e)}") from None
+    if not isinstance(teacher, nn.Module):
+        raise common.UserError(f"--teacher={spec!r} returned a {type(teacher).__name__}; expected an nn.Module")
+    return teacher.eval().requires_grad_(False)
 
 
 def main(argv=None):
@@ -308,6 +422,8 @@ def main(argv=None):
     dis = sub.add_parser("distill", help="distill any unconditional velocity network u = f(x_t (B, C), sigma)")
     dis.add_argument("--teacher", required=True, help="module:function that returns the teacher network")
     dis.add_argument("--teacher-out", default="out", help="attribute path of its output nn.Linear (default: out)")
+    dis.add_argument("--layout", default=None, help="module:function mapping that layer's output to x's layout; "
+                     "only where it cannot be inferred (default: inferred from the teacher's forward)")
     dis.add_argument("--policy", choices=("gm", "dx"), default="gm", help="policy head (default: gm)")
     dis.add_argument("--K", type=int, default=8, help="GM components (default: 8)")
     dis.add_argument("--N", type=int, default=10, help="DX grid points (default: 10)")
@@ -330,12 +446,20 @@ def main(argv=None):
             return
         common.check_writable(args.out, "--out", is_dir=True)
         teacher = load_factory(args.teacher)
+        layout = import_function(args.layout, "--layout", "mapping the layer's output to x's layout") \
+            if args.layout else None
         try:
             dim = teacher.get_submodule(args.teacher_out).out_features
         except AttributeError:
             raise common.UserError(f"--teacher-out={args.teacher_out!r} is not a layer of the teacher") from None
+        probe = torch.randn(2, dim, generator=torch.Generator().manual_seed(0))   # the layout, before training
+        try:
+            PolicyStudent(teacher, args.policy, 2, 2, out=args.teacher_out, layout=layout)(probe, torch.ones(2))
+        except Exception as e:  # noqa: BLE001 - the user's network: its failure is reported in one line
+            raise common.UserError(f"--teacher={args.teacher!r} --teacher-out={args.teacher_out!r}: "
+                                   f"{type(e).__name__}: {common.first_line(e)}") from None
         student = distill(teacher, args.out, args.policy, args.K, args.N, (dim,), args.teacher_out,
-                          name=args.teacher, nfe=args.nfe, steps=args.steps, lr=args.lr)
+                          name=args.teacher, layout=layout, nfe=args.nfe, steps=args.steps, lr=args.lr)
         noise = torch.randn(2000, dim, generator=torch.Generator().manual_seed(1234))
         a = alignment(student, teacher, noise)
         print(f"{args.nfe}-NFE alignment (MSE to the teacher's RK4 ODE endpoint, 2000 noises): student "

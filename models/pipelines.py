@@ -109,6 +109,7 @@ class PiFlowPipeline:
         noise = latents if latents is not None else randn_tensor(shape, generator=generator, device=device,
                                                                  dtype=torch.float32)
         x = piflow.sample(student, noise.to(device, torch.float32), cond, num_inference_steps, temperature=temperature)
+        common.check_finite_output(x, "the sampled latents", f"temperature={temperature}")
         images = pipe.image_processor.postprocess(t2i_data.decode(fam, pipe.vae, x), output_type=output_type)
         pipe.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images)

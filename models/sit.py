@@ -252,8 +252,9 @@ def read(spec, what, trust=False, heads=0):
     if not os.path.isfile(weights):
         raise common.UserError(f"{what}={spec!r}: folder without {WEIGHTS}")
     if os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            config = json.load(f)
+        config = common.read_json(cfg_path, what)
+        if not isinstance(config, dict):
+            raise common.UserError(f"{what}: {cfg_path!r} is not a JSON object (a diffusers config)")
     obj, facts = read_weights(weights, what, trust), dict(known=known, run=None)
     if isinstance(obj, dict) and isinstance(obj.get("settings"), dict) and isinstance(obj.get("ema"), dict):
         facts["run"], obj = obj["settings"], obj["ema"]                  # our ckpt.pt: the EMA student
@@ -422,6 +423,7 @@ def encode_folder(images, out, vae=VAE_ID, resolution=256, batch_size=32, shard_
                 d = vae.encode(torch.from_numpy(x).permute(0, 3, 1, 2).to(device, vae.dtype) / 127.5 - 1).latent_dist
                 lats.append(((d.sample(generator=g) if sample else d.mean).float() * vae.config.scaling_factor)
                             .cpu().half().numpy())
+            common.check_finite_output(np.concatenate(lats), f"latents of shard {s}", "--vae")
             for path, arr in ((lat_path, np.concatenate(lats)), (lab_path, np.array([c for _, c in chunk]))):
                 common.save_atomic(path, lambda tmp, arr=arr: save_npy(tmp, arr))
         shape = list(np.load(lat_path, mmap_mode="r").shape[1:])
@@ -438,13 +440,21 @@ class LatentFolder:
         if not os.path.isfile(os.path.join(folder, "meta.json")):
             raise common.UserError(f"--latents={folder!r} is not a latent folder (no meta.json); write one with "
                                    "`python -m models.sit encode`")
-        with open(os.path.join(folder, "meta.json")) as f:
-            self.meta = json.load(f)
-        n = self.meta["shards"]
-        self.latents = [np.load(os.path.join(folder, f"latents_{s:05d}.npy"), mmap_mode="r") for s in range(n)]
-        self.labels = np.concatenate([np.load(os.path.join(folder, f"labels_{s:05d}.npy")) for s in range(n)])
+        path = os.path.join(folder, "meta.json")
+        self.meta = common.read_json(path, "--latents")
+        try:
+            n = int(self.meta["shards"])
+            self.shape = tuple(int(v) for v in self.meta["latent_shape"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise common.UserError(f"--latents: {path!r} lacks a valid {common.first_line(e)} entry; rewrite it with "
+                                   "`python -m models.sit encode`") from None
+        try:
+            self.latents = [np.load(os.path.join(folder, f"latents_{s:05d}.npy"), mmap_mode="r") for s in range(n)]
+            self.labels = np.concatenate([np.load(os.path.join(folder, f"labels_{s:05d}.npy")) for s in range(n)])
+        except (OSError, ValueError) as e:
+            raise common.UserError(f"--latents={folder!r}: a shard named in meta.json cannot be read "
+                                   f"({type(e).__name__}: {common.first_line(e, 120)})") from None
         self.offsets = np.cumsum([0] + [len(a) for a in self.latents])
-        self.shape = tuple(self.meta["latent_shape"])
 
     def sample(self, batch, generator=None):
         idx = torch.randint(int(self.offsets[-1]), (batch,), generator=generator).numpy()
@@ -584,8 +594,10 @@ def add_sample_flags(p, model="imagenet"):
 def generate(student, vae, indices, labels, args, nfe, device):
     """uint8 images (n, H, W, 3) of samples `indices` (n,) with `labels` (n,): piflow.sample, SD-VAE decode.
     Sample i's noise is randn from the generator seeded seed * 2^32 + i: it depends only on (seed, i)."""
+    from tqdm import tqdm
     c, out = student.config, []
-    for b in range(0, len(indices), args.batch_size):
+    for b in tqdm(range(0, len(indices), args.batch_size), desc="batches", delay=common.PROGRESS_DELAY,
+                  disable=int(os.environ.get("RANK", 0)) != 0):
         noise = torch.stack([torch.randn(c.in_channels, c.sample_size, c.sample_size, generator=torch.Generator()
                                          .manual_seed(args.seed * 2 ** 32 + int(i)))
                              for i in indices[b:b + args.batch_size]])
@@ -593,6 +605,7 @@ def generate(student, vae, indices, labels, args, nfe, device):
             z = piflow.sample(student, noise.to(device), torch.as_tensor(labels[b:b + args.batch_size], device=device),
                               nfe, temperature=args.temperature, total_substeps=args.total_substeps)
         x = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample.float()      # SD-VAE: [-1, 1]
+        common.check_finite_output(x, "the decoded samples", f"--ckpt, --temperature={args.temperature}")
         out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
 

@@ -163,7 +163,8 @@ class Family:
     channels: int              # latent channels C
     patch: int                 # p: p x p latent pixels per token
     channel_last: bool         # token layout (ph, pw, c) (SD3's unpatchify) or (c, ph, pw) (FLUX / Qwen packing)
-    logweights: int            # default logweights_channels: p^2 (one GM weight per pixel) or 1 (per token)
+    logweights: int            # logweights_channels of new students and of configs without it: p^2 (one GM weight
+                               # per pixel; every published row, as PiFlux2Pipeline unpacks (B, h, w, K, 1, 2, 2))
     max_text_len: int          # text tokens of the base pipeline
     video_vae: bool            # the VAE takes (B, C, T, H, W)
     call: Callable             # call(tr, x (B, C, H, W), sigma (B,), cond) -> the transformer's output
@@ -183,7 +184,7 @@ FAMILIES = {
                     transformer="Flux2Transformer2DModel", vae="AutoencoderKLFlux2",
                     gm_class="GMFlux2Transformer2DModel", dx_class="DXFlux2Transformer2DModel",
                     adapter="gmflux2_k8_piid_4step", guidance="distilled", guidance_scale=4.0, cond_keys=(),
-                    channels=32, patch=2, channel_last=False, logweights=1, max_text_len=512, video_vae=False,
+                    channels=32, patch=2, channel_last=False, logweights=4, max_text_len=512, video_vae=False,
                     call=_flux2_call, lora=_flux2_lora, encode=_flux2_encode, normalise=_flux2_bn),
     "qwen": Family(repo="Qwen/Qwen-Image", pipeline="QwenImagePipeline", transformer="QwenImageTransformer2DModel",
                    vae="AutoencoderKLQwenImage", gm_class="GMQwenImageTransformer2DModel",
@@ -377,11 +378,9 @@ def adapter_file(spec, filename, flag):
 
 def adapter_head(spec, model, flag):
     """The Head an adapter's config.json describes; refuses an unknown class or another model's adapter."""
-    with open(adapter_file(spec, "config.json", flag)) as f:
-        try:
-            c = json.load(f)
-        except json.JSONDecodeError:
-            raise common.UserError(f"{flag}={spec!r}: config.json is not JSON") from None
+    c = common.read_json(adapter_file(spec, "config.json", flag), f"{flag}={spec!r}")
+    if not isinstance(c, dict):
+        raise common.UserError(f"{flag}={spec!r}: config.json is not a JSON object")
     name = c.get("_class_name")
     kinds = {f.gm_class: (m, "gm") for m, f in FAMILIES.items()}
     kinds.update({k: (m, "dx") for m, f in FAMILIES.items() for k in (f.dx_class, f.transformer)})

@@ -427,7 +427,9 @@ class ToyAttachment(trainer.Attachment):
 
     def export(self, path, ema):
         """The slim sampling checkpoint: fp16 EMA weights + the run's settings (what sample.py reads)."""
-        common.save_torch({"ema": {k: v.half() for k, v in ema.items()}, "settings": self.settings}, path)
+        tensors = {k: v.half() for k, v in ema.items()}
+        common.check_finite(tensors, f"--export={path!r} (fp16)")
+        common.save_torch({"ema": tensors, "settings": self.settings}, path)
 
 
 def attach(opts, cfg, tc, settings, device, dtype=None):
@@ -470,6 +472,8 @@ def sample_grid(args):
     """`sample.py --model toy`: per class, student samples | the teacher's ODE from the same noise; metrics."""
     if args.per_class < 1:
         raise common.UserError(f"--per-class={args.per_class} is not accepted; expected an integer >= 1")
+    n = NUM_CLASSES * args.per_class                          # noise, student, teacher ODE, teacher Euler: float32
+    common.check_memory(4 * n * math.prod(IMG) * 4, "--per-class", args.per_class, f"the {n} samples")
     student, st = load_student(args.ckpt)
     cfg = student.piid_config
     print(f"student: {args.ckpt} ({st['policy']}, K={st['K']}, N={st['N']}, trained at NFE {cfg.nfe}, shift "
@@ -480,11 +484,13 @@ def sample_grid(args):
     g = torch.Generator().manual_seed(args.seed)
     cond = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class)                # (B,)
     noise = torch.randn((len(cond),) + IMG, generator=g)
-    x, schedule = piflow.sample(student, noise, cond, args.nfe, temperature=args.temperature, return_schedule=True)
+    x, schedule = piflow.sample(student, noise, cond, args.nfe, temperature=args.temperature, return_schedule=True,
+                                progress=common.PROGRESS_DELAY)
     nfe = schedule["nfe"]
+    common.check_finite_output(x, "the student's samples", f"--ckpt={args.ckpt!r}, --temperature={args.temperature}")
     print("sigma schedule: " + ", ".join(f"{s:.4f}" for s in schedule["sigmas"].tolist()))
     x_teacher = teacher_rk4(teacher, noise, cond)
-    x_euler = piflow.teacher_euler(teacher, noise, cond, schedule["sigmas"])
+    x_euler = piflow.teacher_euler(teacher, noise, cond, schedule["sigmas"], progress=common.PROGRESS_DELAY)
     metrics = {}
     for name, xs in (("student", x), ("teacher Euler", x_euler), ("teacher ODE", x_teacher)):
         m = {"align": teacher_alignment(xs, x_teacher), "mode_kl": mode_kl(data, xs, cond),
@@ -518,7 +524,10 @@ def main(argv=None):
             recipe = dict(TEACHER_RECIPE, steps=args.steps)
             net = train_teacher(**recipe)
             sd = {k: v.half() for k, v in net.state_dict().items()}
-            common.check_finite(sd, "teacher")
+            try:
+                common.check_finite(sd, "teacher (fp16)")
+            except common.NonFinite as e:
+                raise common.UserError(f"{e}; nothing written to --out={args.out!r}") from None
             common.save_torch({"net": sd, "recipe": recipe}, args.out)
             print(f"wrote {args.out}")
 

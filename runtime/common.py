@@ -10,7 +10,9 @@
     publish_dir(path, write)        write a folder as a new version, then switch the `path` symlink atomically
     RunLock(folder)                 an exclusive lock on an output folder (a second run is refused)
     check_writable(path, what)      fail before the work, not after it
-    check_finite(tensors, what)     refuse NaN / inf weights
+    check_finite(tensors, what)     refuse NaN / inf weights; check_finite_output: images / arrays (UserError)
+    check_memory(nbytes, flag, ..)  refuse a size flag beyond this machine's memory, before any work
+    read_json(path, what)           json.load with one-line errors naming the file
     save_grid(rows, path, ...)      labelled PNG grid with Pillow
 """
 import argparse
@@ -29,6 +31,9 @@ import torch
 import piflow
 
 
+PROGRESS_DELAY = 2.0          # seconds after which a sampling loop shows its tqdm bar (quick runs stay silent)
+
+
 class UserError(Exception):
     """A bad flag, missing file, offline hub, unwritable path, ...: main() prints it as one line and exits 2."""
 
@@ -38,14 +43,30 @@ def first_line(e, limit=200):
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
 
 
+def is_out_of_memory(e):
+    """A failed allocation: torch.OutOfMemoryError, or the CPU allocator's RuntimeError ('... can't allocate ...',
+    'not enough memory ...')."""
+    msg = str(e).lower()
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, (RuntimeError, MemoryError)) and (
+        "allocate" in msg or "out of memory" in msg or "not enough memory" in msg or isinstance(e, MemoryError)))
+
+
 @contextlib.contextmanager
-def user_errors(prog):
-    """Turn UserError into one line on stderr and SystemExit(2); everything else propagates (a real bug)."""
+def user_errors(prog, sized_by=None):
+    """Turn UserError into one line on stderr and SystemExit(2); with `sized_by` (the flag(s) that size the big
+    tensors, e.g. '--batch-size'), a failed allocation too. Everything else propagates (a real bug)."""
     try:
         yield
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":                                # once under torchrun
             print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except (RuntimeError, MemoryError) as e:
+        if sized_by is None or not is_out_of_memory(e):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{prog}: error: out of memory ({type(e).__name__}: {first_line(e, 120)}); lower {sized_by}",
+                  file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
 
@@ -136,15 +157,15 @@ def check(args, rules, parser=None):
 
 
 def parse_temperature(v):
-    """--temperature: 'none', 'auto' (0.1 (NFE - 1), never on the last step) or a value > 0."""
+    """--temperature: 'none', 'auto' (0.1 (NFE - 1), never on the last step) or a finite value > 0."""
     if v in ("none", "auto"):
         return None if v == "none" else "auto"
     try:
         T = float(v)
     except ValueError:
         T = math.nan
-    if not T > 0:
-        raise argparse.ArgumentTypeError(f"{v!r} is not accepted; expected 'none', 'auto' or a value > 0")
+    if not (T > 0 and math.isfinite(T)):
+        raise argparse.ArgumentTypeError(f"{v!r} is not accepted; expected 'none', 'auto' or a finite value > 0")
     return T
 
 
@@ -286,11 +307,45 @@ def check_writable(path, what, is_dir=False):
         raise UserError(f"{what}={path!r} is a folder; expected a file path")
 
 
+class NonFinite(ValueError):
+    """Weights about to be written hold NaN or inf (check_finite)."""
+
+
 def check_finite(tensors, what):
-    """Raise ValueError naming the first tensor with a NaN or inf ({name: tensor})."""
+    """Raise NonFinite (a ValueError) naming the first tensor with a NaN or inf ({name: tensor})."""
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{what}: {name} holds non-finite values")
+            raise NonFinite(f"{what}: {name} holds non-finite values")
+
+
+def check_finite_output(x, what, hint=""):
+    """Refuse to write non-finite images / arrays (a tensor or numpy array): UserError naming `what`."""
+    t = torch.as_tensor(x)
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        n = int((~torch.isfinite(t)).sum())
+        raise UserError(f"{what}: {n} of {t.numel()} values are NaN or inf; nothing written" + (f" ({hint})" if hint
+                                                                                                  else ""))
+
+
+def check_memory(nbytes, flag, value, what):
+    """Refuse, before any work, a size flag whose tensors alone exceed this machine's physical memory."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if nbytes > total:
+        raise UserError(f"{flag}={value} is not accepted: {what} alone need {nbytes / 2 ** 30:.1f} GiB, more than "
+                        f"this machine's {total / 2 ** 30:.1f} GiB; lower {flag}")
+
+
+def read_json(path, what):
+    """json.load(path) with one-line errors naming the file (malformed JSON, unreadable, not UTF-8)."""
+    import json
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what}: {path!r} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") \
+            from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{what}: {path!r} cannot be read ({type(e).__name__}: {first_line(e, 120)})") from None
 
 
 #################################################################################

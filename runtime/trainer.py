@@ -41,7 +41,7 @@ class TrainConfig:
     batch_size: int = 64               # global batch size (all ranks)
     micro_batch: int = 0               # samples per micro-batch; 0 = batch_size / world size (one per rank)
     lr: float = 1e-3                   # AdamW learning rate, betas (0.9, 0.95), no weight decay
-    warmup: int = 50                   # linear LR warm-up steps from 0.001 lr
+    warmup: int = 50                   # linear LR warm-up steps from 0.001 lr (0: the full rate from step 0)
     cosine: bool = False               # cosine-decay the LR to 0 after warm-up (published runs: constant)
     grad_clip: float = 50.0            # gradient-norm clip
     clip_start: int = 0                # step from which gradients are clipped (the non-finite guard runs always)
@@ -168,8 +168,9 @@ class Attachment:
 #################################################################################
 
 def lr_at(step, tc):
-    """Linear warm-up from 0.001 lr (published configs), then constant or cosine decay to 0 at tc.steps."""
-    lr = tc.lr * min(1.0, 0.001 + (1 - 0.001) * step / max(tc.warmup, 1))
+    """Linear warm-up from 0.001 lr over tc.warmup steps (published configs; 0: none), then constant or cosine
+    decay to 0 at tc.steps."""
+    lr = tc.lr * min(1.0, 0.001 + (1 - 0.001) * step / tc.warmup) if tc.warmup else tc.lr
     if tc.cosine and step >= tc.warmup:
         lr = 0.5 * tc.lr * (1 + math.cos(math.pi * (step - tc.warmup) / max(tc.steps - tc.warmup, 1)))
     return lr
@@ -350,6 +351,9 @@ class Training:
             (torch.bfloat16 if run.device.type == "cuda" else torch.float32)
         self.att = att = build(run.device, dtype)
         att.student.piid_config = cfg                        # the sampler keeps the training schedule
+        flag = "--micro-batch" if tc.micro_batch else "--batch-size"          # noise + a few states per sample
+        common.check_memory(4 * micro * math.prod(att.noise_shape) * torch.finfo(dtype).bits // 8, flag,
+                            tc.micro_batch or tc.batch_size, f"the states of one micro-batch of {micro}")
         self.sharded = world > 1 and att.sharded
         if self.sharded:
             from torch.distributed.device_mesh import init_device_mesh
@@ -413,10 +417,13 @@ class Training:
                  "ema": full_tensors(self.ema), "opt": optimizer_state(self.opt, att.student),
                  "recent_losses": list(self.recent)}
         if run.rank == 0:
-            common.check_finite(state["student"], "checkpoint")
-            common.check_finite(state["ema"], "checkpoint EMA")
-            if run.rc.export and att.export is not None:          # derived files first: ckpt.pt is the commit
-                att.export(run.rc.export, state["ema"])
+            try:
+                common.check_finite(state["student"], "checkpoint")
+                common.check_finite(state["ema"], "checkpoint EMA")
+                if run.rc.export and att.export is not None:      # derived files first: ckpt.pt is the commit
+                    att.export(run.rc.export, state["ema"])
+            except common.NonFinite as e:
+                raise Diverged(f"{e}; nothing written, {run.ckpt!r} keeps the last good step") from None
             common.save_torch(state, run.ckpt)
         if run.world > 1:
             dist.barrier()
@@ -559,7 +566,7 @@ def main(prog, argv, select, modules, default_preset, description, export=None):
     guard exits 3 with one line. Returns (attachment, EMA tensors) of rank 0."""
     rc, cfg, tc, opts, settings, module = parse(prog, argv, select, modules, default_preset, description, export)
     build = lambda device, dtype: module.attach(opts, cfg, tc, settings, device, dtype)
-    with common.user_errors(prog):
+    with common.user_errors(prog, sized_by="--batch-size / --micro-batch"):
         try:
             return train(build, cfg, tc, settings, rc)
         except Diverged as e:

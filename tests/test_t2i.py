@@ -29,7 +29,8 @@ from models import pipelines  # noqa: E402
 import sample  # noqa: E402
 from models import t2i, t2i_data  # noqa: E402
 import train_t2i  # noqa: E402
-from runtime import trainer  # noqa: E402
+from runtime import common, trainer  # noqa: E402
+from roundoff import TOL, assert_float_close, assert_quantised  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)                                         # the repository: scripts run from it
@@ -407,6 +408,26 @@ def attachment(argv):
     return t2i.attach(opts, cfg, tc, settings, torch.device("cpu"), F32), cfg
 
 
+@pytest.mark.parametrize("model,g", [("flux", 3.5), ("flux2", 4.0)])
+def test_distilled_guidance_reaches_the_training_teacher(bases, tmp_path, model, g):
+    """FLUX.1 / FLUX.2 through the training attachment: every condition drawn for training carries --guidance as
+    the distilled-guidance input, and the teacher is the stock transformer called with it (one run, no CFG pair);
+    guidance 1 would give another velocity."""
+    c = make_cache(model, 4, seed=2)
+    att, _ = attachment(train_args(model, bases[model], save_cache(c, tmp_path / "emb.pt"), tmp_path / "run", 2,
+                                   "--guidance", str(g)))
+    cond = att.sample_cond(3, torch.Generator().manual_seed(0))
+    assert torch.equal(cond["guidance"], torch.full((3,), g))
+    ref = tiny_transformer(model).eval()
+    x, sigma = torch.randn(3, 32 if model == "flux2" else 16, 4, 4, generator=torch.Generator().manual_seed(0)), \
+        torch.tensor([0.2, 0.5, 0.9])
+    with torch.no_grad():
+        u = att.teacher(x, sigma, cond)
+        torch.testing.assert_close(u, reference_u(ref, model, x, sigma, cond), atol=1e-5, rtol=1e-5)
+        other = reference_u(ref, model, x, sigma, dict(cond, guidance=torch.ones(3)))
+    assert (u - other).abs().max() > 1e-3
+
+
 def test_sd3_cfg_teacher_piid_steps_and_adapter_roundtrip(bases, tmp_path):
     """SD3 through the training attachment: the teacher is the stock SD3Transformer2DModel on unpacked latents at
     timestep 1000 sigma with true CFG 3.5 against the cached negative (not the FLUX convention, timestep sigma);
@@ -500,9 +521,10 @@ def test_fsdp2_torchrun_then_single_process_resume_equals_one_run(bases, tmp_pat
 # ----------------------------------------------------------------------------------------------------------
 
 def write_released_adapter(folder, model, policy="gm", K=2, N=3, inner=1024, layers=2, constant=None, seed=0, rank=4,
-                           prefix=""):
+                           prefix="", lw=None):
     """An adapter as the official exporter writes it (no piid_config): config.json (the student class's config)
-    and random tensors of the shapes the published class has for that config; LoRA on the row's targets."""
+    and random tensors of the shapes the published class has for that config; LoRA on the row's targets.
+    lw: logweights_channels (None: the row's default, 4; 'omit': 4 channels, the field left out of config.json)."""
     fam, tr = t2i.FAMILIES[model], tiny_transformer(model)
     cfg = json.loads(json.dumps({k: v for k, v in tr.config.items() if not k.startswith("_")}, default=list))
     S, C, D = 4, fam.channels, tr.proj_out.in_features
@@ -512,9 +534,11 @@ def write_released_adapter(folder, model, policy="gm", K=2, N=3, inner=1024, lay
     if model != "flux2":
         t["norm_out.linear.bias"] = r(2 * D)
     if policy == "gm":
-        lw = fam.logweights
+        omit, lw = lw == "omit", 4 if lw in (None, "omit") else lw
         cfg.update(_class_name=fam.gm_class, num_gaussians=K, logstd_inner_dim=inner, gm_num_logstd_layers=layers,
                    constant_logstd=constant, logweights_channels=lw)
+        if omit:
+            del cfg["logweights_channels"]
         t.update({"proj_out_means.weight": r(K * S * C, D), "proj_out_means.bias": r(K * S * C),
                   "proj_out_logweights.weight": r(K * lw, D), "proj_out_logweights.bias": r(K * lw)})
         if constant is None:
@@ -552,17 +576,20 @@ def merged(net, t):
 DIFFS = {}                                   # max |diff| per released format, printed for the report
 
 
-@pytest.mark.parametrize("model,policy", [("flux", "gm"), ("qwen", "gm"), ("flux2", "gm"), ("flux", "dx"),
-                                          ("qwen", "dx")])
-def test_released_adapter_formats_match_an_independent_forward(model, policy, tmp_path, capsys):
+@pytest.mark.parametrize("model,policy,lw", [("flux", "gm", None), ("qwen", "gm", None), ("flux2", "gm", None),
+                                             ("flux2", "gm", "omit"), ("flux2", "gm", 1), ("flux", "dx", None),
+                                             ("qwen", "dx", None)])
+def test_released_adapter_formats_match_an_independent_forward(model, policy, lw, tmp_path, capsys):
     """An adapter in the published layout (logstd inner dim 32, FLUX with the 'transformer.' key prefix) loads from
     its folder alone and reproduces, to 1e-5, the policy of an independent forward of the same weights: the stock
     diffusers class (DX: built from the adapter's config.json) with the LoRA merged by hand, the GM heads as
-    explicit matmuls on proj_out's input, the logstd MLP on norm_out's temb, the (k, c, ph, pw) unpacking as loops;
-    FLUX.2's one logweight per token repeated over the 2x2 patch."""
+    explicit matmuls on proj_out's input, the logstd MLP on norm_out's temb, the (k, c, ph, pw) unpacking as loops.
+    logweights_channels is read as stated (FLUX.2 with 1: one logweight per token, repeated over the 2x2 patch);
+    a FLUX.2 config without it has the published p^2 = 4."""
     folder = str(tmp_path / "a")
     t, config = write_released_adapter(folder, model, policy, inner=32, prefix="transformer." if model == "flux"
-                                       else "")
+                                       else "", lw=lw)
+    assert ("logweights_channels" in config) == (policy == "gm" and lw != "omit")
     s, head, rank, cfg = t2i.student_from_adapter(model, tiny_transformer(model), folder, "--adapter", F32)
     assert "assuming the released schedule" in capsys.readouterr().out and (cfg.nfe, cfg.shift) == (4, 3.2)
     assert rank == 4 and (head.logstd_inner_dim if policy == "gm" else head.N) == (32 if policy == "gm" else 3)
@@ -585,7 +612,8 @@ def test_released_adapter_formats_match_an_independent_forward(model, policy, tm
         ref, seen = merged(tiny_transformer(model), t), {}
         ref.proj_out.register_forward_pre_hook(lambda m, a: seen.update(h=a[0]))
         ref.norm_out.register_forward_pre_hook(lambda m, a: seen.update(temb=a[1]))
-        K, lw = 2, t2i.FAMILIES[model].logweights
+        K, lw = 2, 1 if lw == 1 else 4
+        assert head.logweights_channels == lw
         with torch.no_grad():
             stock_call(ref, model, x, sigma, cond)
             h = seen["h"][:, :6]
@@ -602,9 +630,38 @@ def test_released_adapter_formats_match_an_independent_forward(model, policy, tm
         diff = max((pol.means_x - (x[:, None] - s_ * means)).abs().max().item(),
                    (pol.logweights - logits.log_softmax(1)).abs().max().item(),
                    (pol.var_x.flatten() - (a.flatten() * 2).exp() * sigma ** 2).abs().max().item())
-    DIFFS[f"{model}-{policy}"] = diff
+    DIFFS[f"{model}-{policy}-{lw}"] = diff
     print(f"max |diff| {model} {policy}: {diff:.2e}")
     assert diff <= 1e-5, diff
+
+
+def test_our_flux2_adapter_unpacks_the_published_way(tmp_path):
+    """Our exported FLUX.2 GM adapter (a new student's default head) states logweights_channels = 4 = p^2, and its
+    head outputs unpacked as the published PiFlux2Pipeline does give our student's policy: tokens (B, h w, K C 4)
+    and (B, h w, K 4) viewed as (B, h, w, K, C, 2, 2) and (B, h, w, K, 1, 2, 2), permuted to (B, K, C, h, 2, w, 2),
+    i.e. (B, K, C, H, W) and (B, K, 1, H, W)."""
+    ad = our_adapter("flux2", tmp_path / "ad")                                    # K = 2
+    c = json.load(open(os.path.join(ad, "config.json")))
+    assert (c["_class_name"], c["logweights_channels"], c["num_gaussians"]) == ("GMFlux2Transformer2DModel", 4, 2)
+    s, head, _, _ = t2i.student_from_adapter("flux2", tiny_transformer("flux2"), ad, "--adapter", F32)
+    assert head.logweights_channels == 4
+    with safe_open(os.path.join(ad, t2i.WEIGHTS), "pt") as f:
+        t = {k: f.get_tensor(k).float() for k in f.keys() if k.startswith("proj_out_")}
+    assert t["proj_out_logweights.weight"].shape[0] == 2 * 4
+    B, K, C, H, W = 2, 2, 32, 4, 6
+    x, sigma = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(1)), torch.tensor([0.35, 0.8])
+    seen = {}
+    s.tr.proj_out_means.register_forward_pre_hook(lambda m, a: seen.update(h=a[0]))
+    with torch.no_grad():
+        pol = s.eval()(x, sigma, cond_of("flux2", make_cache("flux2", 2, seed=5), [0, 1]))
+        h = seen["h"]                                                              # (B, h w, D)
+        mt = h @ t["proj_out_means.weight"].T + t["proj_out_means.bias"]
+        lt = h @ t["proj_out_logweights.weight"].T + t["proj_out_logweights.bias"]
+    means = mt.view(B, H // 2, W // 2, K, C, 2, 2).permute(0, 3, 4, 1, 5, 2, 6).reshape(B, K, C, H, W)
+    logw = lt.view(B, H // 2, W // 2, K, 1, 2, 2).permute(0, 3, 4, 1, 5, 2, 6).reshape(B, K, 1, H, W)
+    torch.testing.assert_close(pol.means_x, x[:, None] - sigma.view(B, 1, 1, 1, 1) * means, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pol.logweights, logw.log_softmax(1), atol=1e-5, rtol=1e-5)
+    assert (logw[..., 0::2, :] - logw[..., 1::2, :]).abs().max() > 1e-3     # 4 weights per token, not 1 repeated
 
 
 def test_constant_logstd_and_our_adapters_reload_bit_exactly(tmp_path):
@@ -706,8 +763,13 @@ def stock_cond(model, base, prompts):
 
 
 def decode_written_out(model, vae, x):
-    """Normalised latents -> uint8 (B, H, W, 3): each base's de-normalisation written out, the VAE decode, and the
-    pipelines' post-processing ((img / 2 + 0.5).clamp(0, 1) * 255, rounded)."""
+    """Normalised latents -> uint8 (B, H, W, 3): decode_grey, rounded as the pipelines post-process."""
+    return np.round(decode_grey(model, vae, x)).astype(np.uint8)
+
+
+def decode_grey(model, vae, x):
+    """Normalised latents -> float64 grey levels (B, H, W, 3) before rounding: each base's de-normalisation written
+    out, the VAE decode, and the pipelines' post-processing (img / 2 + 0.5).clamp(0, 1) * 255."""
     from einops import rearrange
     with torch.no_grad():
         if model == "flux":
@@ -722,15 +784,29 @@ def decode_written_out(model, vae, x):
             z = rearrange(x, "b c (h ph) (w pw) -> b (c ph pw) h w", ph=2, pw=2)
             z = z * (vae.bn.running_var + 1e-4).sqrt().view(1, -1, 1, 1) + vae.bn.running_mean.view(1, -1, 1, 1)
             img = vae.decode(rearrange(z, "b (c ph pw) h w -> b c (h ph) (w pw)", ph=2, pw=2)).sample
-    return (((img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round()).astype(np.uint8)
+    return (img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).double().numpy() * 255
+
+
+def record_decoded(monkeypatch):
+    """The pipelines' float images before quantisation: a list that t2i_data.decode's outputs are appended to, as
+    grey levels (B, H, W, 3) ((img / 2 + 0.5).clamp(0, 1) * 255, the stock post-processing before rounding)."""
+    seen, decode = [], t2i_data.decode
+
+    def recording(fam, vae, x):
+        img = decode(fam, vae, x)
+        seen.append((img.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).double().numpy() * 255)
+        return img
+    monkeypatch.setattr(t2i_data, "decode", recording)
+    return seen
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_sample_cli_pixels_recomputed(bases, model, tmp_path, monkeypatch):
     """sample.py --model M (an adapter fetched as owner/repo:subfolder, prompts through the text encoders, 'auto'
-    temperature, --threads): image i == piflow.sample from noise seeded seed + i with prompt i (embedded by the
-    stock encode_prompt), decoded as written out here, pixel for pixel, in the single PNGs too; the written
-    --embed-cache alone (no text encoders) gives the same images."""
+    temperature, --threads): image i is piflow.sample from noise seeded seed + i with prompt i (embedded by the
+    stock encode_prompt), decoded as written out here: float images to roundoff.TOL, uint8 values their rounding;
+    the single PNGs hold the same pixels; the written --embed-cache alone (no text encoders) gives the same images
+    bit for bit (same code, same inputs)."""
     from PIL import Image
     import huggingface_hub
     ad = our_adapter(model, tmp_path / "hub" / "tiny")
@@ -740,6 +816,7 @@ def test_sample_cli_pixels_recomputed(bases, model, tmp_path, monkeypatch):
         calls.append((repo, filename))
         return str(tmp_path / "hub" / filename)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    seen = record_decoded(monkeypatch)
     prompts, out, cache = ["a cat", "two dogs on grass", "x"], tmp_path / "grid.png", tmp_path / "emb.pt"
     argv = ["--model", model, "--adapter", "someone/pi-adapters:tiny", "--base", bases[model], "--height", "32",
             "--width", "48", "--batch-size", "2", "--seed", "7", "--out", str(out), "--threads", "2",
@@ -760,32 +837,55 @@ def test_sample_cli_pixels_recomputed(bases, model, tmp_path, monkeypatch):
                            for i in idx])
         x = piflow.sample(ref.eval(), noise, {k: v[idx] for k, v in cond.items()}, temperature=0.1,
                           cfg=piflow.PiIDConfig(nfe=2, shift=3.2, final_step_scale=0.5))
-        expect += list(decode_written_out(model, tiny_vae(model).eval(), x))
+        expect += list(decode_grey(model, tiny_vae(model).eval(), x))
     assert len(res["images"]) == 3 and res["row_labels"] == prompts and len({e.tobytes() for e in expect}) == 3
+    gap = assert_float_close(np.concatenate(seen), np.stack(expect), what=model)   # measured <= 2e-4 grey levels
     for i in range(3):
-        assert np.array_equal(res["images"][i], expect[i]), i
-        assert np.array_equal(expect[i], np.array(Image.open(tmp_path / "grid" / f"{i:05d}.png")))
+        assert_quantised(res["images"][i], expect[i], what=f"{model} image {i}")
+        assert np.array_equal(res["images"][i], np.array(Image.open(tmp_path / "grid" / f"{i:05d}.png")))
     assert Image.open(out).size[1] > 3 * 32
     again = sample.main(argv[:-2] + ["--embed-cache", str(cache), "--out", str(tmp_path / "again.png")])
-    assert all(np.array_equal(a, b) for a, b in zip(again["images"], expect))
+    assert all(np.array_equal(a, b) for a, b in zip(again["images"], res["images"]))      # same code, same inputs
+    print(f"{model}: sample.py vs recomputation: float gap {gap:.2e} grey levels")
+
+
+def reads_references(tr):
+    """A tiny FLUX.2 transformer whose image tokens attend strongly to the reference tokens (q/k RMS-norm scales x4,
+    the double block's values x8): at random init a reference moves the velocity by 0.5 % only, its effect on the
+    image (0.007 grey level on average) is then within 20x of float round-off; here it is ~24x larger."""
+    with torch.no_grad():
+        for name, m in tr.named_modules():
+            if name.endswith(("norm_q", "norm_k", "norm_added_q", "norm_added_k")):
+                m.weight.mul_(4)
+        tr.transformer_blocks[0].attn.to_v.weight.mul_(8)
+    return tr
 
 
 def test_flux2_editing_reference_tokens(bases, tmp_path, monkeypatch):
     """FLUX.2 editing through sample.main --image: the reference is VAE-encoded (mode), 2x2-patchified,
     batch-norm normalised and appended after the generated tokens with ids (10, row, col, 0) (recomputed here);
-    the student reads the generated tokens only, so the image == piflow.sample of the stock model sliced that way;
-    another reference changes it. A reference over 1024^2 px is resized to that area (then cropped to 16 px)."""
+    the student reads the generated tokens only, so the image is piflow.sample of the stock model sliced that way
+    (float image to roundoff.TOL, uint8 its rounding); another reference changes it by grey levels (a base whose
+    image tokens attend strongly to the references). A reference over 1024^2 px is resized to that area (then cropped to 16 px)."""
     from einops import rearrange
     from PIL import Image
-    ad = our_adapter("flux2", tmp_path / "ad")
+    ad, base = our_adapter("flux2", tmp_path / "ad"), str(tmp_path / "base")
+    pipe = tiny_pipeline("flux2")
+    reads_references(pipe.transformer)
+    pipe.save_pretrained(base)
     rng = np.random.RandomState(0)
     for name in ("r1", "r2"):
         Image.fromarray(rng.randint(0, 256, (64, 80, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
-    argv = ["--model", "flux2", "--adapter", ad, "--base", bases["flux2"], "--prompt", "make it night", "--height",
+    argv = ["--model", "flux2", "--adapter", ad, "--base", base, "--prompt", "make it night", "--height",
             "32", "--width", "48", "--seed", "3", "--nfe", "1"]
+    decoded = record_decoded(monkeypatch)
     res = [sample.main(argv + ["--image", str(tmp_path / f"{r}.png"), "--out", str(tmp_path / f"{r}.png.grid.png")])
            for r in ("r1", "r2")]
-    assert not np.array_equal(res[0]["images"][0], res[1]["images"][0])
+    effect = np.abs(decoded[0] - decoded[1])
+    print(f"reference r1 vs r2: float images differ by mean {effect.mean():.3g}, max {effect.max():.3g} grey levels; "
+          f"{(res[0]['images'][0] != res[1]['images'][0]).mean():.1%} of uint8 values differ")
+    # measured: mean 1.6, max 18 grey levels, 72 % of the uint8 values (round-off: 2e-4 grey level)
+    assert effect.mean() > 50 * TOL and (res[0]["images"][0] != res[1]["images"][0]).mean() > 0.5
     vae = tiny_vae("flux2").eval()
     with torch.no_grad():
         px = torch.from_numpy(np.array(Image.open(tmp_path / "r1.png")).astype(np.float32) / 255).permute(2, 0, 1)[
@@ -794,21 +894,24 @@ def test_flux2_editing_reference_tokens(bases, tmp_path, monkeypatch):
         z = (z - vae.bn.running_mean.view(1, -1, 1, 1)) / (vae.bn.running_var + 1e-4).sqrt().view(1, -1, 1, 1)
     tokens = rearrange(z, "b c h w -> b (h w) c")                                     # (1, 4 x 5, 128)
     ids = torch.tensor([[10, i, j, 0] for i in range(4) for j in range(5)])[None]
-    cond = dict(stock_cond("flux2", bases["flux2"], ["make it night"]), guidance=torch.tensor([4.0]),
+    cond = dict(stock_cond("flux2", base, ["make it night"]), guidance=torch.tensor([4.0]),
                 ref_tokens=tokens, ref_ids=ids)
-    stock = tiny_transformer("flux2").eval()
-    s, _, _, _ = t2i.student_from_adapter("flux2", tiny_transformer("flux2"), ad, "--adapter", F32)
+    stock = reads_references(tiny_transformer("flux2")).eval()
+    s, _, _, _ = t2i.student_from_adapter("flux2", reads_references(tiny_transformer("flux2")), ad, "--adapter", F32)
     seen = {}
     s.tr.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
     noise = torch.randn(1, 32, 4, 6, generator=torch.Generator().manual_seed(3))
     x = piflow.sample(s.eval(), noise, cond, 1)
     torch.testing.assert_close(seen["hidden_states"][:, 6:], tokens, atol=1e-6, rtol=1e-5)
     assert torch.equal(seen["img_ids"][:, 6:].long(), ids)
-    assert np.array_equal(res[0]["images"][0], decode_written_out("flux2", vae, x)[0])
+    ref = decode_grey("flux2", vae, x)
+    gap = assert_float_close(decoded[0], ref, what="flux2 edit")
+    assert_quantised(res[0]["images"][0], ref[0], what="flux2 edit")
+    print(f"sample.py vs recomputation: float gap {gap:.2e} grey levels")
     with torch.no_grad():                                  # the teacher: the stock model, generated tokens only
         torch.testing.assert_close(s.teacher(noise, torch.tensor([0.7]), cond),
                                    reference_u(stock, "flux2", noise, torch.tensor([0.7]), cond), atol=1e-5, rtol=1e-5)
-    pipe = pipelines.piflow_pipeline("flux2", bases["flux2"], ad)
+    pipe = pipelines.piflow_pipeline("flux2", base, ad)
     n = {}
     pipe.transformer.register_forward_pre_hook(lambda m, a, kw: n.update(L=kw["hidden_states"].shape[1]),
                                                with_kwargs=True)
@@ -964,11 +1067,16 @@ def test_bad_input_one_line_before_loading(bases, tmp_path, capsys, monkeypatch)
     write_released_adapter(str(qwen_ad), "qwen")
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+    malformed = tmp_path / "malformed"
+    shutil.copytree(flux_ad, malformed)
+    (malformed / "config.json").write_text('{"_class_name": "GMFluxTransformer2DModel",')
     out = str(tmp_path / "o.png")
     smp = lambda *a: sample.main(["--prompt", "a cat", "--out", out] + list(a))
     trn = lambda *a: train_t2i.main(["--out", str(tmp_path / "run"), "--no-progress"] + list(a))
     cases = [(lambda: smp("--model", "flux", "--adapter", str(qwen_ad)), "is a qwen adapter"),
              (lambda: smp("--model", "flux", "--adapter", str(tmp_path / "unet")), "unknown adapter class"),
+             (lambda: smp("--model", "flux", "--adapter", str(malformed)),
+              f"{str(malformed / 'config.json')!r} is not valid JSON (Expecting property name"),
              (lambda: smp("--model", "flux", "--adapter", str(flux_ad), "--guidance", "4"), "--guidance=4.0"),
              (lambda: smp("--model", "flux2", "--adapter", str(flux_ad)), "is a flux adapter"),
              (lambda: smp("--model", "qwen", "--adapter", str(qwen_ad), "--height", "1000"), "--height=1000"),
@@ -990,6 +1098,40 @@ def test_bad_input_one_line_before_loading(bases, tmp_path, capsys, monkeypatch)
              (lambda: trn("--model", "qwen", "--prompts", str(tmp_path / "no.txt")), "--prompts=")]
     for fn, says in cases:
         assert says in one_line_error(capsys, fn)
+
+
+def test_malformed_base_folder_is_one_line(bases, tmp_path, capsys):
+    """A base folder whose model_index.json (or a component's config.json) is malformed JSON: one line naming --base,
+    exit 2, no PNG."""
+    ad = our_adapter("flux", tmp_path / "ad")
+    for name in ("model_index.json", "transformer/config.json"):
+        base = tmp_path / name.replace("/", "_")
+        shutil.copytree(bases["flux"], base)
+        (base / name).write_text('{"_class_name": ')
+        out = tmp_path / "o.png"
+        line = one_line_error(capsys, lambda: sample.main(["--model", "flux", "--adapter", ad, "--base", str(base),
+                                                           "--prompt", "a", "--out", str(out)]))
+        assert f"--base={str(base)!r}: cannot load" in line and not out.exists(), line
+        print(line)
+
+
+def test_non_finite_samples_are_refused(bases, tmp_path, monkeypatch):
+    """Non-finite latents (here: a sampler planted to return one NaN) are refused by the pipeline with one line
+    instead of being decoded into NaN images (sample.py then writes nothing); an inf temperature is refused as a
+    setting."""
+    pipe = pipelines.piflow_pipeline("flux", bases["flux"], our_adapter("flux", tmp_path / "ad"))
+    real = piflow.sample
+
+    def one_nan(*a, **k):
+        x = real(*a, **k)
+        x.view(-1)[5] = float("nan")
+        return x
+    monkeypatch.setattr(piflow, "sample", one_nan)
+    with pytest.raises(common.UserError, match="the sampled latents: 1 of 256 values are NaN or inf; nothing written"):
+        pipe("a cat", height=32, width=32)
+    monkeypatch.setattr(piflow, "sample", real)
+    with pytest.raises(ValueError, match="temperature=inf is not accepted"):
+        pipe("a cat", height=32, width=32, temperature=float("inf"))
 
 
 def test_hub_offline_and_help(bases, tmp_path, capsys, monkeypatch):
