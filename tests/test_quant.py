@@ -367,3 +367,28 @@ def test_train_and_sample_with_base_quant(flux_base, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_t2i.main(["--model", "flux", "--help"])
     assert "--base-quant BASE_QUANT" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. tools/memory_plan.py's byte model == what bitsandbytes' layers hold
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_memory_plan_counts_the_bytes_the_quantised_layers_hold(kind):
+    """The memory plan's base-weight bytes (tools.memory_plan.base_bytes) == the bytes a bf16 base holds after
+    quantise_base, counted storage by storage (nf4: packed codes + fp32 absmax per 64 weights, plus a 16-value
+    fp32 code table per layer that the plan leaves out: 64 B; int8: int8 weights + one fp32 scale per row); the
+    plan's quantised layers are quantise_base's."""
+    from tools import memory_plan
+    tr = tiny("qwen").to(torch.bfloat16)
+    plan = memory_plan.base_bytes(tr, {})
+    assert set(memory_plan.quantisable(tr)) == set(t2i.quantise_base(tr, kind, torch.bfloat16))
+    seen, held = set(), 0
+    for t in [p for p in tr.parameters()] + [p.SCB for p in tr.parameters() if getattr(p, "SCB", None) is not None] + \
+            [q for p in tr.parameters() if getattr(p, "quant_state", None) is not None
+             for q in (p.quant_state.absmax, p.quant_state.code)]:
+        if t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            held += t.untyped_storage().nbytes()
+    layers = len(memory_plan.quantisable(tiny("qwen")))
+    assert held == plan[kind] + (64 * layers if kind == "nf4" else 0) and plan["bf16"] > plan["int8"] > plan["nf4"]
