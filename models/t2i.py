@@ -6,6 +6,7 @@ and the trainer attachment (train_t2i.py). The data side (pipelines, prompt cach
     T2IStudent          student(x_t, sigma, cond) -> policy; teacher(x_t, sigma, cond) -> u (the base, LoRA off)
     KNOWN               the released adapters: hub location and training NFE
     read_adapter, student_from_adapter, write_adapter    the published adapter layout (config.json + safetensors)
+    quantise_base, load_base                             the frozen base in 4-bit NF4 / int8 (--base-quant, QLoRA)
     Options, attach, T2IAttachment                       train_t2i.py's flags and the trainer attachment
 
 The student is the stock diffusers transformer (its own forward, never a copy) with

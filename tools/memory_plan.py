@@ -3,6 +3,7 @@ computed here, none measured on a GPU.
 
     python -m tools.memory_plan                  # the table of docs/one-gpu.md (Markdown)
     python -m tools.memory_plan --json plan.json # also every figure as JSON
+    python -m tools.memory_plan --model flux2 --lora-rank 64     # another LoRA rank (train_t2i.py --lora-rank)
 
 For FLUX.1-dev, FLUX.2-dev, Qwen-Image and SD3.5-large this builds the released architecture on the meta device
 (no weights, no memory: the diffusers class with the config values below, each checked against the released
@@ -338,7 +339,7 @@ def gib(b):
 
 
 def markdown(plans):
-    out = ["| model | base params | base bf16 / int8 / nf4 (GiB) | LoRA r=256 + head params | trainables + AdamW / "
+    out = [f"| model | base params | base bf16 / int8 / nf4 (GiB) | LoRA r={RANK} + head params | trainables + AdamW / "
            "AdamW8bit (GiB) | activations per 1024² sample, no ckpt / ckpt (GiB) | text encoders (params; bf16 GiB) |",
            "|---|---|---|---|---|---|---|"]
     for p in plans:
@@ -367,7 +368,9 @@ def main(argv=None):
     p.add_argument("--model", action="append", choices=list(t2i.FAMILIES), default=None,
                    help="model(s) to plan (default: all four)")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
+    p.add_argument("--lora-rank", type=int, default=RANK, help="LoRA rank r (default: %(default)s, Table 9)")
     args = p.parse_args(argv)
+    globals()["RANK"] = args.lora_rank
     plans = [plan(m) for m in args.model or list(t2i.FAMILIES)]
     print(markdown(plans))
     if args.json:
