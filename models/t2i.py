@@ -417,7 +417,9 @@ def quantise_base(tr, kind, dtype):
     # the flags diffusers sets on a BitsAndBytesConfig load: peft then wraps these layers with its bitsandbytes LoRA
     # classes (peft/tuners/lora/bnb.py), on the CPU as on the GPU
     setattr(tr, "is_loaded_in_4bit" if kind == "nf4" else "is_loaded_in_8bit", True)
-    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_Int8CastNote())
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _Int8CastNote) for f in log.filters):
+        log.addFilter(_Int8CastNote())
     return done
 
 
