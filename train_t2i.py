@@ -6,6 +6,7 @@
     python train_t2i.py --model sd3 --base stabilityai/stable-diffusion-3.5-medium --prompts prompts.txt
     torchrun --standalone --nproc_per_node=8 train_t2i.py --model flux --prompts prompts.txt --out runs/piflux
     python train_t2i.py --model flux --prompts prompts.txt --out runs/piflux --resume --steps 4000
+    python train_t2i.py --model flux --prompts prompts.txt --base-quant nf4 --optimizer adamw8bit --micro-batch 1
     python train_t2i.py --model flux --prompts p.txt --eval-clip openai/clip-vit-large-patch14 --eval-every 500
     python train_t2i.py --model qwen --help                     # every flag, with the preset's defaults
 

@@ -116,19 +116,28 @@ class PiFlowPipeline:
 
 
 def piflow_pipeline(model, base=None, adapter=None, torch_dtype=None, text_encoders=True, flags=("base", "adapter"),
-                    **kwargs):
+                    base_quant="none", **kwargs):
     """The stock pipeline of `base` (default: the row's official repo) with `adapter` (an adapter folder, a released
     id of t2i.KNOWN or 'owner/repo:subfolder'; default: the row's released one) on its transformer. kwargs pass to
     from_pretrained (transformer=<a quantised transformer>, quantization_config=..., variant=...);
-    text_encoders=False leaves the text encoders out (then call with cond=). Errors name `flags`."""
+    text_encoders=False leaves the text encoders out (then call with cond=). base_quant 'nf4' / 'int8': the
+    transformer is quantised as train_t2i.py --base-quant quantises it (t2i.load_base: bitsandbytes through
+    diffusers' BitsAndBytesConfig on the current GPU; without CUDA, in place on the CPU). Errors name `flags`."""
     if model not in t2i.FAMILIES:
         raise common.UserError(f"model={model!r} is not accepted; expected one of {', '.join(t2i.FAMILIES)}")
+    if base_quant not in t2i.QUANT:
+        raise common.UserError(f"base_quant={base_quant!r} is not accepted; expected one of {', '.join(t2i.QUANT)}")
+    if base_quant != "none" and "transformer" in kwargs:
+        raise common.UserError("give base_quant or transformer=, not both")
     fam = t2i.FAMILIES[model]
     adapter = adapter or fam.adapter
     if adapter is None:
         raise common.UserError(f"{flags[1]}: {model} has no released adapter; give one (e.g. runs/{model}/adapter, "
                                "written by train_t2i.py)")
     read = t2i.read_adapter(adapter, model, flags[1])                         # before the base loads
+    if base_quant != "none":
+        kwargs["transformer"] = t2i.load_base(fam, base or fam.repo, base_quant, torch_dtype or torch.float32,
+                                              "cuda" if torch.cuda.is_available() else "cpu")
     pipe = t2i_data.load_pipeline(fam, base or fam.repo, torch_dtype, text_encoders, flags[0], **kwargs)
     tr = pipe.transformer
     student = t2i.student_from_adapter(model, tr, adapter, flags[1], tr.dtype, adapter=read, teacher=False)[0]
@@ -163,6 +172,9 @@ def add_sample_flags(g, model):
     g.add_argument("--batch-size", type=int, default=1, help="images per transformer call (default: %(default)s)")
     g.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="weights dtype; auto = bf16 on CUDA, fp32 on CPU (default: %(default)s)")
+    g.add_argument("--base-quant", choices=t2i.QUANT, default="none", help="frozen base weights: none | nf4 | int8 "
+                   "(bitsandbytes; the adapter's head stays in --dtype), as train_t2i.py --base-quant "
+                   "(default: %(default)s)")
     g.add_argument("--cpu-offload", action="store_true", help="diffusers' enable_model_cpu_offload: one model at a "
                    "time on the accelerator")
     g.add_argument("--images-dir", default=None, help="folder for the single PNGs 00000.png, ... (default: --out "
@@ -210,7 +222,8 @@ def sample_grid(args):
         cache = t2i_data.check_cache(common.load_tensors(args.embed_cache, "--embed-cache"), args.embed_cache,
                                 "--embed-cache", fam, args.model, prompts or None,
                                 fam.max_text_len if prompts else None)
-    pipe = piflow_pipeline(args.model, args.base, args.adapter, dtype, cache is None, ("--base", "--adapter"))
+    pipe = piflow_pipeline(args.model, args.base, args.adapter, dtype, cache is None, ("--base", "--adapter"),
+                           args.base_quant)
     if args.cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
@@ -228,7 +241,8 @@ def sample_grid(args):
           f"{cfg.shift} | final step scale {cfg.final_step_scale} | temperature {T} | "
           + (f"guidance {args.guidance} | " if fam.guidance == "distilled" else "")
           + (f"{len(refs)} reference image(s) | " if refs else "")
-          + f"{args.height}x{args.width} | seed {args.seed} + i | {device} {dtype}", flush=True)
+          + f"{args.height}x{args.width} | seed {args.seed} + i | {device} {dtype}"
+          + (f" | base {args.base_quant}" if args.base_quant != "none" else ""), flush=True)
     images = []
     for i in range(0, len(prompts), args.batch_size):
         idx = torch.arange(i, min(i + args.batch_size, len(prompts)))

@@ -6,6 +6,7 @@ and the trainer attachment (train_t2i.py). The data side (pipelines, prompt cach
     T2IStudent          student(x_t, sigma, cond) -> policy; teacher(x_t, sigma, cond) -> u (the base, LoRA off)
     KNOWN               the released adapters: hub location and training NFE
     read_adapter, student_from_adapter, write_adapter    the published adapter layout (config.json + safetensors)
+    quantise_base, load_base                             the frozen base in 4-bit NF4 / int8 (--base-quant, QLoRA)
     Options, attach, T2IAttachment                       train_t2i.py's flags and the trainer attachment
 
 The student is the stock diffusers transformer (its own forward, never a copy) with
@@ -23,7 +24,9 @@ The latent x (B, C, H, W) is what the policy sees; each row's call packs it with
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
@@ -358,6 +361,115 @@ class T2IStudent(nn.Module):
 
 
 #################################################################################
+#              Quantised frozen bases (QLoRA: Dettmers et al. 2023)             #
+#################################################################################
+
+QUANT = ("none", "nf4", "int8")
+HEAD = ("proj_out", "norm_out")   # the base's output layers: the policy head reads / copies them, never quantised
+_INT8_THRESHOLD = 6.0             # LLM.int8() outlier threshold (bitsandbytes' and diffusers' BitsAndBytesConfig default)
+
+
+def _is_head(name):
+    """proj_out, norm_out.* and the GM heads proj_out_means / _logweights / _logstds.* at the root."""
+    return name.split(".")[0].startswith(HEAD)
+
+
+def quantise_base(tr, kind, dtype):
+    """QLoRA's frozen base (Dettmers et al. 2023): every nn.Linear of `tr` but the output head (HEAD) becomes a
+    bitsandbytes layer computing in `dtype`: nf4 = Linear4bit (NormalFloat-4 in blocks of 64 with an fp32 absmax, no
+    double quantisation: diffusers' BitsAndBytesConfig defaults), int8 = Linear8bitLt (LLM.int8(), outlier threshold
+    6.0). bitsandbytes quantises a weight when it is moved to a device, so this runs where `tr` is: in place on the
+    CPU, or on the GPU for the layers a BitsAndBytesConfig load left (load_base). Layers already quantised stay as
+    they are; call it before the LoRA is added. Returns the names of the layers it quantised."""
+    if kind not in QUANT[1:]:
+        raise ValueError(f"kind={kind!r} is not accepted; expected {' | '.join(QUANT[1:])}")
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    if any(isinstance(m, BaseTunerLayer) for m in tr.modules()):
+        raise ValueError("quantise_base: the base already carries a LoRA; quantise it before add_lora")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise common.UserError(f"--base-quant {kind} needs bitsandbytes (pip install bitsandbytes)") from None
+    done = []
+    for name, m in list(tr.named_modules()):
+        if type(m) is not nn.Linear or _is_head(name):
+            continue
+        w, bias = m.weight.detach().to(dtype), m.bias
+        if kind == "nf4" and w.device.type == "cpu" and m.in_features % 64 and not _cpu_nf4_rows_ok():
+            raise ValueError(f"quantise_base: {name} has in_features={m.in_features}, no multiple of 64; bitsandbytes "
+                             f"{bnb.__version__} dequantises such 4-bit rows wrongly on the CPU (the released bases' "
+                             "widths are all multiples of 64)")
+        if kind == "nf4":
+            q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias is not None, compute_dtype=dtype,
+                                  compress_statistics=False, quant_type="nf4", device="meta")
+            q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=False, quant_type="nf4")
+            # bitsandbytes' fused AVX512-BF16 CPU kernel (eval, no grad) computes in bf16 whatever `dtype` is; the
+            # compute dtype asked for holds on every CPU
+            q.support_avx512bf16_for_cpu = False
+        else:
+            q = bnb.nn.Linear8bitLt(m.in_features, m.out_features, bias is not None, has_fp16_weights=False,
+                                    threshold=_INT8_THRESHOLD, device="meta")
+            q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+        if bias is not None:
+            q.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(tr.get_submodule(parent) if parent else tr, child, q.to(w.device))      # .to quantises
+        done.append(name)
+    # the flags diffusers sets on a BitsAndBytesConfig load: peft then wraps these layers with its bitsandbytes LoRA
+    # classes (peft/tuners/lora/bnb.py), on the CPU as on the GPU
+    setattr(tr, "is_loaded_in_4bit" if kind == "nf4" else "is_loaded_in_8bit", True)
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _Int8CastNote) for f in log.filters):
+        log.addFilter(_Int8CastNote())
+    return done
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_nf4_rows_ok():
+    """Whether bitsandbytes' CPU 4-bit dequantisation is right for rows of a length that is no multiple of the
+    64-weight block (bitsandbytes 0.50.2: it is not). Probed once: a (2, 48) weight whose two blocks have different
+    absmax, against its stored codes x absmax."""
+    from bitsandbytes import functional as bf
+    w = torch.linspace(-1, 1, 96).view(2, 48) * torch.tensor([[1.0], [4.0]])
+    q, state = bf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    codes = torch.stack([q.view(-1) >> 4, q.view(-1) & 15], 1).view(-1).long()
+    expect = state.code[codes] * state.absmax.repeat_interleave(64)[:96]
+    return torch.allclose(bf.dequantize_4bit(q, state).view(-1), expect, rtol=1e-6, atol=0)
+
+
+class _Int8CastNote(logging.Filter):
+    """Drops bitsandbytes' per-call note that LLM.int8() quantises activations from fp16 (a warning on every forward
+    of every layer for any compute dtype but fp16); other messages pass."""
+    def filter(self, record):
+        return "will be cast from" not in record.getMessage()
+
+
+def bnb_config(kind, dtype):
+    """diffusers' BitsAndBytesConfig of `kind`, the way users load pi-FLUX.2's 4-bit base; the head stays in dtype."""
+    from diffusers import BitsAndBytesConfig
+    if kind == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                                  llm_int8_skip_modules=list(HEAD))
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=_INT8_THRESHOLD, llm_int8_skip_modules=list(HEAD))
+
+
+def load_base(fam, base, kind, dtype, device):
+    """The frozen base transformer of `fam` from `base`. kind 'none': in dtype. nf4 / int8 on CUDA: loaded onto the
+    GPU through diffusers' BitsAndBytesConfig (skipping HEAD; its name match also skips every submodule named like
+    a head layer, e.g. FLUX.1's single-block proj_out, which quantise_base then quantises); elsewhere (diffusers
+    quantises on a GPU only): loaded in dtype, then quantise_base in place. Both give the same quantised layers."""
+    if kind == "none":
+        return t2i_data.load_pretrained(fam.transformer, base, "transformer", dtype)
+    if torch.device(device).type == "cuda":
+        tr = t2i_data.load_pretrained(fam.transformer, base, "transformer", dtype,
+                                      quantization_config=bnb_config(kind, dtype))
+    else:
+        tr = t2i_data.load_pretrained(fam.transformer, base, "transformer", dtype)
+    quantise_base(tr, kind, dtype)
+    return tr.requires_grad_(False)
+
+
+#################################################################################
 #                     Files: base models, adapters, caches                      #
 #################################################################################
 
@@ -519,6 +631,7 @@ class Options:
     embed_cache: Optional[str] = None  # embeddings (+ latents) cache file; None = <prompts>.<model>.pt next to them
     max_text_len: Optional[int] = None  # text tokens; None = the base pipeline's (512; SD3: 256)
     resolution: int = 1024             # training image size (a multiple of 16)
+    base_quant: str = "none"           # frozen base: none | nf4 | int8 (bitsandbytes, QLoRA-style; LoRA + head train in fp32)
     grad_checkpointing: bool = True    # gradient checkpointing of the transformer blocks (all published configs)
     eval_clip: Optional[str] = None    # CLIP model (hub id or folder) for a CLIP score at every --eval-every
     eval_prompts: int = 8              # prompts (the first cached ones) of that CLIP score
@@ -527,6 +640,7 @@ class Options:
         piflow.check_fields(self, [
                 ("model", self.model in FAMILIES, " | ".join(FAMILIES)),
                 ("policy", self.policy in ("gm", "dx"), "gm | dx"),
+                ("base_quant", self.base_quant in QUANT, " | ".join(QUANT)),
                 ("K", self.K >= 1, "an integer >= 1"), ("N", self.N >= 2, "an integer >= 2"),
                 ("lora_rank", self.lora_rank >= 0, "an integer >= 0 (0 = no LoRA)"),
                 ("lora_dropout", 0 <= self.lora_dropout < 1, "a value in [0, 1)"),
@@ -633,11 +747,14 @@ def attach(opts, cfg, tc, settings, device, dtype):
                                    f"{adapter[3]}; pass --lora-rank {adapter[3]}")
     if fam.guidance == "distilled" and tc.guidance_interval != (0.0, 1.0):
         raise common.UserError(f"--guidance-interval applies to CFG; --model {opts.model} takes a distilled guidance")
+    if opts.base_quant != "none" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise common.UserError(f"--base-quant={opts.base_quant!r} trains on one process; a quantised base is not "
+                               "sharded over ranks (use --base-quant none with torchrun)")
     clip = None
     if opts.eval_clip:
         clip = metrics.load_clip(opts.eval_clip, "--eval-clip")
     cache = t2i_data.training_cache(opts, fam, base, tc, device, dtype)
-    tr = t2i_data.load_pretrained(fam.transformer, base, "transformer", dtype)
+    tr = load_base(fam, base, opts.base_quant, dtype, device)
     if adapter:
         student = student_from_adapter(opts.model, tr, opts.init_adapter, "--init-adapter", dtype,
                                            opts.lora_dropout, adapter)[0]

@@ -74,25 +74,26 @@ def t5(d, seed=0):
                                                              relative_attention_num_buckets=8))
 
 
-def tiny_transformer(model, seed=0):
+def tiny_transformer(model, seed=0, **sizes):
+    """sizes: config values that replace the tiny ones (test_quant.py: 64-wide bases)."""
     torch.manual_seed(seed)
     if model == "flux":
-        return diffusers.FluxTransformer2DModel(
+        return diffusers.FluxTransformer2DModel(**dict(dict(
             patch_size=1, in_channels=64, out_channels=None, num_layers=1, num_single_layers=1, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6))
+            axes_dims_rope=(4, 6, 6)), **sizes))
     if model == "flux2":
-        return diffusers.Flux2Transformer2DModel(
+        return diffusers.Flux2Transformer2DModel(**dict(dict(
             in_channels=128, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-            joint_attention_dim=24, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4))
+            joint_attention_dim=24, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4)), **sizes))
     if model == "qwen":
-        return diffusers.QwenImageTransformer2DModel(
+        return diffusers.QwenImageTransformer2DModel(**dict(dict(
             patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-            joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
-    return diffusers.SD3Transformer2DModel(
+            joint_attention_dim=32, axes_dims_rope=(4, 6, 6)), **sizes))
+    return diffusers.SD3Transformer2DModel(**dict(dict(
         sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=24, out_channels=16,
-        pos_embed_max_size=32)
+        pos_embed_max_size=32), **sizes))
 
 
 def tiny_vae(model):
@@ -363,7 +364,7 @@ def piid_cfg(nfe=2):
 
 def six_steps_lower_the_loss(s, teacher, ref_teacher, noise, cond, cfg):
     """π-ID with `teacher` (None: the student's) == π-ID with the independent `ref_teacher` (same states, same
-    generator), before and after 6 Adam steps, which lower the loss on the fixed batch to < 0.7 x."""
+    generator), before and after 6 Adam steps, which lower the loss on the fixed batch to < 0.7 x: (before, after)."""
     teacher = teacher or s.teacher
     def loss(step, teacher=teacher, backward=None):
         return float(piflow.piid_data_free(s, teacher, noise, cond, cfg, step, torch.Generator().manual_seed(1),
@@ -380,6 +381,7 @@ def six_steps_lower_the_loss(s, teacher, ref_teacher, noise, cond, cfg):
         after = loss(2)
         assert after == pytest.approx(loss(2, ref_teacher), rel=1e-5, abs=0)
     assert after < 0.7 * before, (before, after)
+    return before, after
 
 
 def test_teacher_is_the_stock_model_and_piid_steps_reduce_loss():
