@@ -32,7 +32,11 @@ def parser_for(model):
                    "training NFE)")
     p.add_argument("--temperature", type=common.parse_temperature, default=None, help="GM temperature on all but "
                    "the last step: none, auto (0.1 (NFE - 1)) or a value > 0 (default: %(default)s; None = off)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed: sample i is reproducible (default: %(default)s)")
+    p.add_argument("--h", type=common.parse_h, default=0.0, help="flow-map SDE sampling: 0 = the deterministic "
+                   "sampler; h > 0 rolls each step's policy part of the way and re-noises from --seed (more "
+                   "diversity); inf = denoise fully, then re-noise (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed, also of the --h re-noising: sample i is "
+                   "reproducible (default: %(default)s)")
     p.add_argument("--out", default=f"samples/{model}_nfe{{nfe}}.png", help="output PNG grid; {nfe} is filled in "
                    "(default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default "

@@ -464,6 +464,9 @@ def add_sample_flags(p, model="toy"):
     p.add_argument("--ckpt", default=DEFAULT_CKPT, help="student checkpoint: an export or a run's ckpt.pt "
                    "(default: the shipped toy student)")
     p.add_argument("--per-class", type=int, default=8, help="samples per class in the grid (default: %(default)s)")
+    p.add_argument("--reference", choices=("ode", "euler"), default="ode", help="right half of the grid, from the "
+                   "same noise: the teacher's ODE (RK4, 256 calls) or its own Euler sampler at the student's NFE "
+                   "(default: %(default)s)")
 
 
 def sample_grid(args):
@@ -480,7 +483,8 @@ def sample_grid(args):
     g = torch.Generator().manual_seed(args.seed)
     cond = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class)                # (B,)
     noise = torch.randn((len(cond),) + IMG, generator=g)
-    x, schedule = piflow.sample(student, noise, cond, args.nfe, temperature=args.temperature, return_schedule=True)
+    x, schedule = piflow.sample(student, noise, cond, args.nfe, temperature=args.temperature, return_schedule=True,
+                                h=args.h, generator=g)
     nfe = schedule["nfe"]
     print("sigma schedule: " + ", ".join(f"{s:.4f}" for s in schedule["sigmas"].tolist()))
     x_teacher = teacher_rk4(teacher, noise, cond)
@@ -492,9 +496,11 @@ def sample_grid(args):
         print(f"{name:14s} NFE {nfe if name != 'teacher ODE' else '256'}: teacher alignment MSE "
               f"{m['align']:.5f} | mode KL {m['mode_kl']:.4f} | sliced W2 {m['swd']:.4f}")
         metrics[name] = m
-    k, tiles_s, tiles_t = args.per_class, to_uint8(x), to_uint8(x_teacher)
+    euler = getattr(args, "reference", "ode") == "euler"
+    k, tiles_s, tiles_t = args.per_class, to_uint8(x), to_uint8(x_euler if euler else x_teacher)
     rows = [tiles_s[c * k:(c + 1) * k] + [None] + tiles_t[c * k:(c + 1) * k] for c in range(NUM_CLASSES)]
-    cols = [f"LEFT: pi-Flow student, NFE {nfe}"] + [None] * k + ["RIGHT: teacher ODE (RK4, 256 calls), same noise"]
+    cols = [f"LEFT: pi-Flow student, NFE {nfe}" + (f", h {args.h}" if args.h else "")] + [None] * k + \
+        [f"RIGHT: teacher Euler, {nfe} steps, same noise" if euler else "RIGHT: teacher ODE (RK4, 256 calls), same noise"]
     title = (f"toy ImageNet, seed {args.seed}: teacher-alignment MSE student {metrics['student']['align']:.4f} vs "
              f"teacher Euler {nfe} steps {metrics['teacher Euler']['align']:.4f}")
     return dict(rows=rows, row_labels=[f"class {c}" for c in range(NUM_CLASSES)], col_labels=cols, title=title,
