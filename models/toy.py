@@ -463,6 +463,8 @@ def to_uint8(x, scale=4):
 def add_sample_flags(p, model="toy"):
     p.add_argument("--ckpt", default=DEFAULT_CKPT, help="student checkpoint: an export or a run's ckpt.pt "
                    "(default: the shipped toy student)")
+    p.add_argument("--class-labels", type=int, nargs="+", default=list(range(NUM_CLASSES)), help="grid rows: class "
+                   f"ids in [0, {NUM_CLASSES}) (default: all)")
     p.add_argument("--per-class", type=int, default=8, help="samples per class in the grid (default: %(default)s)")
     p.add_argument("--reference", choices=("ode", "euler"), default="ode", help="right half of the grid, from the "
                    "same noise: the teacher's ODE (RK4, 256 calls) or its own Euler sampler at the student's NFE "
@@ -473,6 +475,9 @@ def sample_grid(args):
     """`sample.py --model toy`: per class, student samples | the teacher's ODE from the same noise; metrics."""
     if args.per_class < 1:
         raise common.UserError(f"--per-class={args.per_class} is not accepted; expected an integer >= 1")
+    labels = getattr(args, "class_labels", list(range(NUM_CLASSES)))
+    if not all(0 <= c < NUM_CLASSES for c in labels):
+        raise common.UserError(f"--class-labels={labels} is not accepted; expected ids in [0, {NUM_CLASSES})")
     student, st = load_student(args.ckpt)
     cfg = student.piid_config
     print(f"student: {args.ckpt} ({st['policy']}, K={st['K']}, N={st['N']}, trained at NFE {cfg.nfe}, shift "
@@ -481,7 +486,7 @@ def sample_grid(args):
     teacher = piflow.guided_teacher(load_teacher(), st.get("guidance", 1.0), torch.tensor([NUM_CLASSES]),
                                     tuple(st.get("guidance_interval", (0.0, 1.0))))
     g = torch.Generator().manual_seed(args.seed)
-    cond = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class)                # (B,)
+    cond = torch.tensor(labels).repeat_interleave(args.per_class)                    # (B,)
     noise = torch.randn((len(cond),) + IMG, generator=g)
     x, schedule = piflow.sample(student, noise, cond, args.nfe, temperature=args.temperature, return_schedule=True,
                                 h=args.h, generator=g)
@@ -498,12 +503,13 @@ def sample_grid(args):
         metrics[name] = m
     euler = getattr(args, "reference", "ode") == "euler"
     k, tiles_s, tiles_t = args.per_class, to_uint8(x), to_uint8(x_euler if euler else x_teacher)
-    rows = [tiles_s[c * k:(c + 1) * k] + [None] + tiles_t[c * k:(c + 1) * k] for c in range(NUM_CLASSES)]
+    rows = [tiles_s[r * k:(r + 1) * k] + [None] + tiles_t[r * k:(r + 1) * k] for r in range(len(labels))]
+    right = f"teacher Euler, {nfe} steps" if euler else "teacher ODE (RK4, 256 calls)"
     cols = [f"LEFT: pi-Flow student, NFE {nfe}" + (f", h {args.h}" if args.h else "")] + [None] * k + \
-        [f"RIGHT: teacher Euler, {nfe} steps, same noise" if euler else "RIGHT: teacher ODE (RK4, 256 calls), same noise"]
+        [f"RIGHT: {right}, same noise"]
     title = (f"toy ImageNet, seed {args.seed}: teacher-alignment MSE student {metrics['student']['align']:.4f} vs "
              f"teacher Euler {nfe} steps {metrics['teacher Euler']['align']:.4f}")
-    return dict(rows=rows, row_labels=[f"class {c}" for c in range(NUM_CLASSES)], col_labels=cols, title=title,
+    return dict(rows=rows, row_labels=[f"class {c}" for c in labels], col_labels=cols, title=title,
                 nfe=nfe, metrics=metrics["student"], all_metrics=metrics)
 
 
