@@ -472,7 +472,8 @@ def add_sample_flags(p, model="toy"):
 
 
 def sample_grid(args):
-    """`sample.py --model toy`: per class, student samples | the teacher's ODE from the same noise; metrics."""
+    """`sample.py --model toy`: per class (--class-labels), student samples | the teacher's ODE (or, with
+    --reference euler, its Euler sampler at the student's NFE) from the same noise; metrics."""
     if args.per_class < 1:
         raise common.UserError(f"--per-class={args.per_class} is not accepted; expected an integer >= 1")
     labels = getattr(args, "class_labels", list(range(NUM_CLASSES)))
