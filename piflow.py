@@ -10,7 +10,8 @@ Read it top to bottom; every part depends only on the parts above it.
     4. Policy rollout: Euler integration of the policy ODE with 128 substeps / unit   (Alg. 1 line 7)
     5. π-ID: segment loss, micro-window (Eq. 6), trajectory mixing (Eq. 5),
        data-dependent (Alg. 2) and data-free (Alg. 3) training steps, teacher CFG
-    6. Few-step sampler (elastic NFE, GM temperature) and the teacher's own Euler sampler (Fig. 2)
+    6. Few-step sampler (elastic NFE, GM temperature, flow-map SDE knob h) and the teacher's own Euler
+       sampler (Fig. 2)
     7. EMA of the student weights (Karras power schedule)
     8. Student output heads: a network's widened output -> policy, initialised from the teacher (§3, §5)
 
@@ -639,21 +640,75 @@ def schedule_settings(student=None, cfg=None, **given):
             for k in ("nfe", "shift", "final_step_scale", "total_substeps")}
 
 
+def check_h(h):
+    """The flow-map SDE knob h: a finite real number >= 0 (returned as a float), or the string 'inf'."""
+    if isinstance(h, str) and h == "inf":
+        return "inf"
+    if isinstance(h, bool) or not isinstance(h, (int, float)) or not (math.isfinite(h) and h >= 0):
+        _fail("h", h, "a finite value >= 0 or 'inf'")
+    return float(h)
+
+
+def sde_schedule(sigmas, h, eps=1e-6):
+    """Flow-map SDE steps on the few-step boundaries `sigmas` (nfe + 1, float64, 1 -> 0): per step (m, sigma_dst).
+
+    The published FlowMapSDEScheduler (LakonLab, lakonlab/models/diffusions/schedulers/flow_map_sde.py) keeps the
+    paper's step boundaries (Alg. 2 line 2, App. B.4) and rolls the policy of step i out from sigma_src only to
+        sigma_dst = sigma_to m / (alpha_to + sigma_to m),   m = (sigma_to alpha_src / (sigma_src alpha_to))^(h^2)
+    (alpha = 1 - sigma; m = 1 for h = 0, m = 0 for h = 'inf'; denominators clamped at eps). m is the factor by
+    which the log-SNR gap of the step shrinks the noise: m = 0 wherever alpha_src = 0, i.e. on the first step from
+    pure noise for every h > 0. h = 0 gives sigma_dst = sigma_to exactly (the deterministic sampler).
+    Returns float64 (m, sigma_dst), nfe each.
+    """
+    s_src, s_to = sigmas[:-1], sigmas[1:]
+    if h == 0:
+        return torch.ones_like(s_to), s_to.clone()
+    a_src, a_to = 1 - s_src, 1 - s_to
+    m = torch.zeros_like(s_to) if h == "inf" else (s_to * a_src / (s_src * a_to).clamp(min=eps)) ** (h * h)
+    return m, s_to * m / (a_to + s_to * m).clamp(min=eps)
+
+
+def _randn(x, generator):
+    """eps ~ N(0, I) shaped and typed like x from `generator`: None (torch's global RNG), a torch.Generator, or a
+    list of one generator per sample (sample i then depends on its own generator only, as diffusers' randn_tensor)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype)
+                            for g in generator]).to(x.device)
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
 @torch.no_grad()
 def sample(student, noise, cond=None, nfe=None, shift=None, final_step_scale=None, temperature=None,
-           total_substeps=None, backend="auto", progress=False, cfg=None, return_schedule=False):
+           total_substeps=None, backend="auto", progress=False, cfg=None, return_schedule=False, h=0.0,
+           generator=None):
     """π-Flow sampling: NFE student calls, each followed by a dense policy rollout (§3, Fig. 2c).
 
     Schedule settings default to the training config (`cfg` or student.piid_config, see schedule_settings): this
     is the one place where the NFE default is resolved. Any nfe >= 1 works for a GM student (elastic inference).
     temperature: None (off), a value > 0, or 'auto'; it is applied to GM policies on every step but the last
     (App. B.1). return_schedule=True returns (x, schedule): the settings used, with the float64 `taus` / `sigmas`
-    (nfe + 1 each) and the resolved `temperature`, e.g. for teacher_euler on the same steps.
+    (nfe + 1 each), the resolved `temperature`, `h` and the SDE steps `m` / `sigmas_dst` / `taus_dst` (nfe each),
+    e.g. for teacher_euler on the same steps.
+
+    h: flow-map SDE sampling (LakonLab's FlowMapSDEScheduler, see sde_schedule). h = 0 (default) is the
+    deterministic sampler. For h > 0 (or 'inf') step i rolls the policy from sigma_src to sigma_dst <= sigma_to
+    (substeps uniform in raw time over [tau_src, tau_dst]) and re-noises to sigma_to:
+        x_to = (alpha_to + sigma_to m) x_dst + sigma_to sqrt(1 - m^2) eps,   eps ~ N(0, I) from `generator`
+    (None: torch's global RNG; a torch.Generator; or a list of one per sample). If x_dst = alpha_dst x0 +
+    sigma_dst eps0, then x_to = alpha_to x0 + sigma_to (m eps0 + sqrt(1 - m^2) eps): the forward marginal at
+    sigma_to, with the step's noise kept in proportion m. The last step (sigma_to = 0) adds nothing.
     """
+    h = check_h(h)
+    if isinstance(generator, (list, tuple)) and len(generator) != noise.shape[0]:
+        _fail("generator", f"a list of {len(generator)}", f"one generator, None or a list of {noise.shape[0]} "
+              "(one per sample)")
     c = schedule_settings(student, cfg, nfe=nfe, shift=shift, final_step_scale=final_step_scale,
                           total_substeps=total_substeps)
     nfe, shift = c["nfe"], c["shift"]
     taus, sigmas = nfe_schedule(nfe, shift, c["final_step_scale"])
+    m, sigmas_dst = sde_schedule(sigmas, h)
+    taus_dst = taus[1:].clone() if h == 0 else unwarp_time(sigmas_dst, shift)
     T = resolve_temperature(temperature, nfe)
     steps = range(nfe)
     if progress:                                                          # a number: the bar's delay in seconds
@@ -661,12 +716,16 @@ def sample(student, noise, cond=None, nfe=None, shift=None, final_step_scale=Non
         steps = tqdm(steps, desc="pi-Flow sampling", delay=0 if progress is True else float(progress))
     x = noise
     for i in steps:
-        tau_src, tau_dst = as_batch(float(taus[i]), x), as_batch(float(taus[i + 1]), x)
+        tau_src, tau_dst = as_batch(float(taus[i]), x), as_batch(float(taus_dst[i]), x)
         policy = call(student, x, warp_time(tau_src, shift), cond)
         if T is not None and i < nfe - 1 and isinstance(policy, GMPolicy):
             policy = policy.temperature(T)
         x = _rollout(policy, x, tau_src, tau_dst, shift, c["total_substeps"], backend)
-    return (x, dict(c, taus=taus, sigmas=sigmas, temperature=T)) if return_schedule else x
+        if h != 0 and i < nfe - 1:                                             # re-noise x_dst to sigma_to
+            s_to, m_i = float(sigmas[i + 1]), float(m[i])
+            x = (1 - s_to + s_to * m_i) * x + s_to * math.sqrt(max(1 - m_i * m_i, 0.0)) * _randn(x, generator)
+    schedule = dict(c, taus=taus, sigmas=sigmas, temperature=T, h=h, m=m, sigmas_dst=sigmas_dst, taus_dst=taus_dst)
+    return (x, schedule) if return_schedule else x
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
     python sample.py --nfe 4                          # the embedded toy student (assets/): offline, seconds on a CPU
     python sample.py --nfe 2 --temperature auto --seed 1 --out samples/toy.png
+    python sample.py --nfe 4 --h 1 --reference euler  # flow-map SDE sampling (docs/sampling.md); vs teacher Euler
     python sample.py --model imagenet --help          # every model has its own options, shown with their defaults
     python sample.py --model imagenet --ckpt gmrepa_k32_imagenet_piid_1step --class-labels 207 360 387 974
     python sample.py --model flux --adapter Lakonik/pi-FLUX.1:gmflux_k8_piid_4step --prompt "a cat"
@@ -33,7 +34,11 @@ def parser_for(model):
                    "training NFE)")
     p.add_argument("--temperature", type=common.parse_temperature, default=None, help="GM temperature on all but "
                    "the last step: none, auto (0.1 (NFE - 1)) or a value > 0 (default: %(default)s; None = off)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed: sample i is reproducible (default: %(default)s)")
+    p.add_argument("--h", type=common.parse_h, default=0.0, help="flow-map SDE sampling: 0 = the deterministic "
+                   "sampler; h > 0 rolls each step's policy part of the way and re-noises from --seed (a "
+                   "stochastic sampler); inf = denoise fully, then re-noise (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed, also of the --h re-noising: sample i is "
+                   "reproducible (default: %(default)s)")
     p.add_argument("--out", default=f"samples/{model}_nfe{{nfe}}.png", help="output PNG grid; {nfe} is filled in "
                    "(default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default "

@@ -6,6 +6,7 @@ Ground truth used:
     (independent of the natural-parameter form piflow uses);
   * 1-D numerical quadrature (scipy.integrate.quad) of the literal Bayes ratio of Eq. 22;
   * scipy.integrate.solve_ivp (DOP853, rtol 1e-10) for ODE trajectories;
+  * the forward marginal of the data GM at every sigma (closed form) for the stochastic (flow-map SDE) sampler;
   * elementary algebra (time shift, schedule, interpolation, EMA recursion).
 All math tests run in float64.
 """
@@ -1131,6 +1132,214 @@ def test_sampler_keeps_training_schedule(capsys):
     assert capsys.readouterr().err == ""
     schedule(progress=True)
     assert capsys.readouterr().err.lstrip("\r").startswith("pi-Flow sampling: ")
+
+
+# ------------------------------------------------------------------------------------------------
+# 6b. Flow-map SDE sampling (h): closed-form steps, exact marginals, the h -> 0 and h = inf limits
+# ------------------------------------------------------------------------------------------------
+
+def sde_m(h, s_src, s_to):
+    """The published m of one step, by hand: (sigma_to alpha_src / (sigma_src alpha_to))^(h^2); 1 at h = 0, 0 at
+    'inf'."""
+    if h == 0:
+        return 1.0
+    if h == "inf":
+        return 0.0
+    return (s_to * (1 - s_src) / (s_src * (1 - s_to))) ** (h * h)
+
+
+def recorded(student, log):
+    """`student`, logging (sigma, x_t) of every call: the sampler's state at each step's start."""
+    def f(x_t, sigma, cond=None):
+        log.append((float(sigma[0]), x_t.clone()))
+        return student(x_t, sigma) if cond is None else student(x_t, sigma, cond)
+    return f
+
+
+def test_sde_schedule_by_hand():
+    """3 NFE, no shift: sigmas 1, 2/3, 1/3, 0. Step 0 starts from pure noise (alpha_src = 0), so m = 0 for every
+    h > 0; step 1 has m = (1/3 * 1/3 / (2/3 * 2/3))^(h^2) = (1/4)^(h^2) and sigma_dst = sigma_to m / (alpha_to +
+    sigma_to m): h = 1 -> m = 1/4, sigma_dst = 1/9; h = 1/2 -> m = 1/sqrt 2, sigma_dst = 1 / (2 sqrt 2 + 1); the last
+    step ends at 0. h = 0 keeps the deterministic boundaries bit for bit. The rollout of each step queries the
+    policy on nodes uniform in raw time over [tau_src, tau_dst], round(128 dtau) of them, here with shift 3.2."""
+    sig = torch.tensor([1.0, 2 / 3, 1 / 3, 0.0])
+    for h, m1, dst1 in [(1.0, 0.25, 1 / 9), (0.5, 2 ** -0.5, 1 / (2 * 2 ** 0.5 + 1)), ("inf", 0.0, 0.0)]:
+        m, dst = pf.sde_schedule(sig, h)
+        assert np.allclose(m.tolist(), [0.0, m1, 0.0], rtol=1e-12, atol=0), (h, m)
+        assert np.allclose(dst.tolist(), [0.0, dst1, 0.0], rtol=1e-12, atol=0), (h, dst)
+    m, dst = pf.sde_schedule(sig, 0.0)
+    assert torch.equal(m, torch.ones(3)) and torch.equal(dst, sig[1:])
+
+    calls = []
+
+    def student(x_t, sigma):
+        calls.append(LinearPolicy(torch.tensor([0.5, -1.0]), 0.0, x_t, sigma))
+        return calls[-1]
+    noise = torch.randn(2, 2, generator=torch.Generator().manual_seed(0))
+    for h in (0.0, 0.7, "inf"):
+        calls.clear()
+        _, sch = pf.sample(student, noise, None, 3, 3.2, 1.0, total_substeps=128, h=h,
+                           generator=torch.Generator().manual_seed(1), return_schedule=True)
+        taus = [1.0, 2 / 3, 1 / 3, 0.0]
+        s = [warp(t, 3.2) for t in taus]
+        assert sch["h"] == h and len(sch["m"]) == len(sch["sigmas_dst"]) == len(sch["taus_dst"]) == 3
+        for i, pol in enumerate(calls):
+            s_dst = s[i + 1] * sde_m(h, s[i], s[i + 1]) / (1 - s[i + 1] + s[i + 1] * sde_m(h, s[i], s[i + 1]))
+            tau_dst = s_dst / (3.2 + (1 - 3.2) * s_dst)                   # inverse shift, by hand
+            assert math.isclose(float(sch["taus_dst"][i]), tau_dst, rel_tol=1e-12, abs_tol=1e-15)
+            n = max(1, round(128 * (taus[i] - tau_dst)))
+            nodes = [warp(taus[i] - j * (taus[i] - tau_dst) / n, 3.2) for j in range(n)]
+            assert np.allclose([float(q[0]) for q in pol.queries], nodes, rtol=1e-12, atol=1e-15), (h, i)
+        if h == 0:
+            assert torch.equal(sch["taus_dst"], sch["taus"][1:]) and torch.equal(sch["sigmas_dst"], sch["sigmas"][1:])
+
+
+@settings(max_examples=12)
+@given(seed=seeds, h=st.one_of(st.floats(0.05, 3.0), st.just("inf")), nfe=st.integers(2, 6),
+       shift=st.sampled_from([1.0, 3.2]), scale=st.sampled_from([1.0, 0.5]))
+def test_sde_point_mass_closed_form(seed, h, nfe, shift, scale):
+    """Data = a point x*: the exact policy's trajectories are straight, x_sigma = alpha x* + sigma eps, and Euler
+    follows them exactly. A step with factor m then maps the noise eps of x_src to m eps + sqrt(1 - m^2) xi at
+    sigma_to, xi the generator's next draw (x_dst = alpha_dst x* + sigma_dst eps and (alpha_to + sigma_to m)
+    (alpha_dst, sigma_dst) = (alpha_to, sigma_to m)). Checked at every step start against that recursion with
+    m from sde_m and the draws reproduced from the same seed; pins the exponent h^2, the re-noise scale and the
+    roll to sigma_dst (not sigma_to)."""
+    g = torch.Generator().manual_seed(seed)
+    x_star = torch.randn(3, generator=g)
+    student = lambda x_t, sigma: pf.GMPolicy.from_x0(x_star.expand(x_t.shape[0], 1, 3), torch.zeros(x_t.shape[0], 1, 1),
+                                                     0.0, x_t, sigma)
+    noise = torch.randn(4, 3, generator=g)
+    log = []
+    out = pf.sample(recorded(student, log), noise, None, nfe, shift, scale, total_substeps=64, h=h,
+                    generator=torch.Generator().manual_seed(seed + 1))
+    draws = torch.Generator().manual_seed(seed + 1)
+    delta = 1 / (nfe - 1 + scale)
+    s = [warp(max(1 - i * delta, 0.0), shift) for i in range(nfe)] + [0.0]
+    eps = noise.clone()
+    for i in range(1, nfe):
+        m = sde_m(h, s[i - 1], s[i])
+        eps = m * eps + math.sqrt(1 - m * m) * torch.randn(4, 3, generator=draws)
+        sigma, x = log[i]
+        assert math.isclose(sigma, s[i], rel_tol=1e-12)
+        assert torch.allclose(x, (1 - s[i]) * x_star + s[i] * eps, atol=1e-10), (i, h)
+    assert torch.allclose(out, x_star.expand(4, 3), atol=1e-10)
+
+
+def gm_marginal(gm, sigma):
+    """The forward marginal of the data GM at sigma, per coordinate: (CDF function of (z, d), mean (D,), var (D,)).
+    x_sigma = alpha x0 + sigma eps is the GM sum_j A_j N(alpha m_j, (alpha^2 v + sigma^2) I)."""
+    A, m, v = gm
+    a, var1 = 1 - sigma, (1 - sigma) ** 2 * v + sigma ** 2
+    mean = a * (A[:, None] * m).sum(0)
+    var = (A[:, None] * (a * a * m ** 2 + var1)).sum(0) - mean ** 2
+    cdf = lambda z, d: sum(float(A[j]) * stats.norm.cdf((z - a * float(m[j, d])) / math.sqrt(var1))
+                           for j in range(len(A)))
+    return cdf, mean, var
+
+
+@pytest.mark.parametrize("h, nfe, shift, scale, substeps", [(0.5, 4, 1.0, 1.0, 128), (1.0, 3, 3.2, 0.5, 256),
+                                                              ("inf", 4, 1.0, 1.0, 128)])
+def test_sde_state_has_the_exact_marginal(h, nfe, shift, scale, substeps):
+    """With the exact student of a known data GM (its policy at (x_t, sigma) is the exact posterior GM), the SDE
+    sampler's state at every sigma_to must follow the forward marginal of the data (closed form, gm_marginal).
+    N = 8000 samples, fixed seeds. Per coordinate: the KS statistic below 1.949 / sqrt(N) = 0.0218 (the
+    alpha = 1e-3 critical value), and the mean and variance within 4.5 standard errors (SE from the samples' own
+    second / fourth moments; two-sided 7e-6 each). The rollout's Euler bias stays well inside: measured max KS
+    0.0114, max |z| 1.9 (the shift-3.2 case at 256 substeps; at 128 its last state reaches |z_var| 3.5, at 512
+    1.1: Euler bias, so it runs finer). A re-noise scale of sqrt(1 - m) instead of sqrt(1 - m^2) gives variance
+    z = -14 to -17, rolling to sigma_to instead of sigma_dst KS 0.03-0.09 and |z| up to 16."""
+    A, m, v = random_gm(3, 3, 2, 0.05)
+    gm = (A, 0.3 * m, v)                            # modes close together, so the noise share of the variance counts
+    N = 8000
+    noise = torch.randn(N, 2, generator=torch.Generator().manual_seed(0))
+    log = []
+    student = ExactStudent(gm).requires_grad_(False)
+    out = pf.sample(recorded(student, log), noise, None, nfe, shift, scale, total_substeps=substeps, h=h,
+                    generator=torch.Generator().manual_seed(1))
+    states = log[1:] + [(0.0, out)]
+    assert len(states) == nfe
+    for sigma, x in states:
+        cdf, mean, var = gm_marginal(gm, sigma)
+        for d in range(2):
+            ks = stats.kstest(x[:, d].numpy(), lambda z: cdf(z, d)).statistic
+            c = x[:, d] - mean[d]
+            z_mean = float(c.mean() / (c.std() / math.sqrt(N)))
+            z_var = float(((c ** 2).mean() - var[d]) / ((c ** 2).std() / math.sqrt(N)))
+            assert ks < 1.949 / math.sqrt(N) and abs(z_mean) < 4.5 and abs(z_var) < 4.5, (sigma, d, ks, z_mean, z_var)
+
+
+def test_sde_h_inf_is_denoise_then_diffuse():
+    """h = 'inf' (m = 0): each step rolls the policy to sigma = 0 (the x0 estimate), then forward-diffuses it to
+    sigma_to with the generator's next draw: x_to = (1 - sigma_to) x0 + sigma_to eps. Written here as a loop over
+    policy_rollout and pf.diffuse, same draws."""
+    gm = random_gm(7, 3, 2, 0.05)
+    student = ExactStudent(gm).requires_grad_(False)
+    noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(3))
+    for nfe, shift, scale in ((4, 1.0, 1.0), (3, 3.2, 0.5)):
+        out = pf.sample(student, noise, None, nfe, shift, scale, total_substeps=64, h="inf",
+                        generator=torch.Generator().manual_seed(9))
+        taus, sigmas = pf.nfe_schedule(nfe, shift, scale)
+        g, x = torch.Generator().manual_seed(9), noise
+        for i in range(nfe):
+            x0 = pf.policy_rollout(student(x, pf.as_batch(float(sigmas[i]), x)), x, float(taus[i]), 0.0, shift, 64)
+            x = x0 if i == nfe - 1 else pf.diffuse(x0, torch.randn(x.shape, generator=g), float(sigmas[i + 1]))
+        assert torch.allclose(out, x, rtol=0, atol=1e-12), (out - x).abs().max()
+
+
+def deterministic_loop(student, x, taus, shift, total, start=0):
+    """The deterministic sampler written as a loop over policy_rollout, from step `start`."""
+    for i in range(start, len(taus) - 1):
+        sigma = pf.as_batch(pf.warp_time(float(taus[i]), shift), x)
+        x = pf.policy_rollout(student(x, sigma), x, float(taus[i]), float(taus[i + 1]), shift, total)
+    return x
+
+
+def test_sde_h_to_zero_and_h_zero_bits():
+    """h = 0 is the deterministic sampler bit for bit (the same rollouts on the same inputs; the generator is not
+    touched). As h -> 0, m -> 1 and every step from sigma_src < 1 tends to the deterministic step: the sampler
+    tends to 'step 0 as at h = inf (alpha_src = 0 there, so m = 0^(h^2) = 0 for any h > 0), then the
+    deterministic steps', the gap shrinking like h (the added noise is sigma_to sqrt(1 - m^2) ~ sigma_to h
+    sqrt(2 ln(1/r)))."""
+    gm = random_gm(8, 3, 2, 0.05)
+    student = ExactStudent(gm).requires_grad_(False)
+    noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(5))
+    nfe, shift, scale, total = 4, 3.2, 0.5, 64
+    taus, sigmas = pf.nfe_schedule(nfe, shift, scale)
+    g = torch.Generator().manual_seed(2)
+    state = g.get_state()
+    assert torch.equal(pf.sample(student, noise, None, nfe, shift, scale, total_substeps=total, h=0.0, generator=g),
+                       deterministic_loop(student, noise, taus, shift, total))
+    assert torch.equal(g.get_state(), state)
+    x0 = pf.policy_rollout(student(noise, pf.as_batch(1.0, noise)), noise, 1.0, 0.0, shift, total)
+    x1 = pf.diffuse(x0, torch.randn(noise.shape, generator=torch.Generator().manual_seed(2)), float(sigmas[1]))
+    limit = deterministic_loop(student, x1, taus, shift, total, start=1)
+    gaps = [float((pf.sample(student, noise, None, nfe, shift, scale, total_substeps=total, h=h,
+                             generator=torch.Generator().manual_seed(2)) - limit).abs().max()) for h in (1e-3, 1e-5)]
+    assert gaps[1] < 1e-4 and 30 < gaps[0] / gaps[1] < 300, gaps
+    assert float((limit - pf.sample(student, noise, None, nfe, shift, scale, total_substeps=total)).abs().max()) > 0.1
+
+
+def test_sde_generator_per_sample_and_bad_h():
+    """A list of generators (one per sample) makes sample i depend on its own generator only (as the image
+    samplers use it): a batch equals its samples run one at a time. Bad h / generator values raise one line naming
+    the argument."""
+    gm = random_gm(4, 3, 2, 0.05)
+    student = ExactStudent(gm).requires_grad_(False)
+    noise = torch.randn(3, 2, generator=torch.Generator().manual_seed(6))
+    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(3)]
+    batch = pf.sample(student, noise, None, 3, total_substeps=32, h=1.0, generator=gens())
+    alone = torch.cat([pf.sample(student, noise[i:i + 1], None, 3, total_substeps=32, h=1.0, generator=[gens()[i]])
+                       for i in range(3)])
+    assert torch.allclose(batch, alone, rtol=0, atol=1e-12)
+    assert not torch.allclose(batch, pf.sample(student, noise, None, 3, total_substeps=32, h=1.0,
+                                               generator=torch.Generator().manual_seed(100)))
+    for good in (0, 0.0, 2, 1e-9, "inf"):
+        assert pf.check_h(good) == (good if good == "inf" else float(good))
+    for bad in (-0.1, math.nan, math.inf, "INF", "0.5", None, True, [1.0]):
+        with pytest.raises(ValueError, match=r"^h=.* is not accepted; expected a finite value >= 0 or 'inf'$"):
+            pf.sample(student, noise, None, 2, h=bad)
+    with pytest.raises(ValueError, match="^generator="):
+        pf.sample(student, noise, None, 2, h=1.0, generator=gens()[:2])
 
 
 class MLPStudent(torch.nn.Module):

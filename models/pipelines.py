@@ -78,17 +78,19 @@ class PiFlowPipeline:
     @torch.no_grad()
     def __call__(self, prompt=None, height=None, width=None, num_inference_steps=None, generator=None, latents=None,
                  image=None, guidance_scale=None, temperature="auto", cond=None, output_type="pil",
-                 max_sequence_length=None, force=False):
+                 max_sequence_length=None, force=False, h=0.0):
         """Images of `prompt` (str or list), or of precomputed conditions `cond` ({prompt_embeds, + the row's
         cond keys}: pipe.encode(prompts), or a cache's rows). num_inference_steps: the NFE (None = the adapter's;
         GM students take any >= 1); temperature: 'auto' (0.1 (NFE - 1)), None or a value, never on the last step
         (GM only); guidance_scale: distilled rows only, the trained value unless force=True; image: FLUX.2
         reference image(s) to edit (the size then defaults to the first one's); latents: initial noise
-        (B, C, H/8, W/8)."""
+        (B, C, H/8, W/8); h: flow-map SDE sampling (piflow.sample: 0 = deterministic, > 0 or 'inf' re-noises each
+        step from `generator`)."""
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
         from diffusers.utils.torch_utils import randn_tensor
         fam, pipe, student = self.fam, self.pipe, self.student
         check_guidance(self.model, guidance_scale, student.guidance, force)
+        h = piflow.check_h(h)
         device = pipe._execution_device
         cond = dict(cond) if cond is not None else \
             self.encode([prompt] if isinstance(prompt, str) else prompt, max_sequence_length)
@@ -108,7 +110,8 @@ class PiFlowPipeline:
         shape = (B, fam.channels, height // t2i_data.VAE_SCALE, width // t2i_data.VAE_SCALE)
         noise = latents if latents is not None else randn_tensor(shape, generator=generator, device=device,
                                                                  dtype=torch.float32)
-        x = piflow.sample(student, noise.to(device, torch.float32), cond, num_inference_steps, temperature=temperature)
+        x = piflow.sample(student, noise.to(device, torch.float32), cond, num_inference_steps, temperature=temperature,
+                          h=h, generator=generator)
         common.check_finite_output(x, "the sampled latents", f"temperature={temperature}")
         images = pipe.image_processor.postprocess(t2i_data.decode(fam, pipe.vae, x), output_type=output_type)
         pipe.maybe_free_model_hooks()
@@ -241,14 +244,14 @@ def sample_grid(args):
           f"{cfg.shift} | final step scale {cfg.final_step_scale} | temperature {T} | "
           + (f"guidance {args.guidance} | " if fam.guidance == "distilled" else "")
           + (f"{len(refs)} reference image(s) | " if refs else "")
-          + f"{args.height}x{args.width} | seed {args.seed} + i | {device} {dtype}"
+          + f"{args.height}x{args.width} | seed {args.seed} + i | h {args.h} | {device} {dtype}"
           + (f" | base {args.base_quant}" if args.base_quant != "none" else ""), flush=True)
     images = []
     for i in range(0, len(prompts), args.batch_size):
         idx = torch.arange(i, min(i + args.batch_size, len(prompts)))
         out = pipe(cond={k: cache[k][idx] for k in ("prompt_embeds",) + fam.cond_keys}, height=args.height,
                    width=args.width, num_inference_steps=nfe, temperature=T, guidance_scale=args.guidance,
-                   force=args.force, image=refs or None,
+                   force=args.force, image=refs or None, h=args.h,
                    generator=[torch.Generator().manual_seed(args.seed + j) for j in idx.tolist()])
         images += [np.array(im) for im in out.images]
     images_dir = images_dir.format(nfe=nfe)
@@ -259,4 +262,5 @@ def sample_grid(args):
     print(f"wrote {len(paths)} images to {images_dir}")
     label = lambda s: s if len(s) <= 40 else s[:37] + "..."
     return dict(rows=[[im] for im in images], row_labels=[label(p) for p in prompts], nfe=nfe, images=images,
-                paths=paths, title=f"pi-Flow {args.model} {head.policy}, NFE {nfe}, temperature {T}, seed {args.seed}")
+                paths=paths, title=f"pi-Flow {args.model} {head.policy}, NFE {nfe}, temperature {T}, seed {args.seed}"
+                + (f", h {args.h}" if args.h else ""))

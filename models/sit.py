@@ -550,7 +550,7 @@ class SiTAttachment(trainer.Attachment):
             (m, vae), n = self.fid, self.opts.eval_samples
             m.reset()
             m.update(generate(student, vae, np.arange(n), np.arange(n) % self.num_classes, argparse.Namespace(
-                batch_size=32, seed=0, temperature=None, total_substeps=None), None, self.device))
+                batch_size=32, seed=0, temperature=None, total_substeps=None, h=0.0), None, self.device))
             out.update(m.compute())
         return out
 
@@ -593,17 +593,18 @@ def add_sample_flags(p, model="imagenet"):
 @torch.no_grad()
 def generate(student, vae, indices, labels, args, nfe, device):
     """uint8 images (n, H, W, 3) of samples `indices` (n,) with `labels` (n,): piflow.sample, SD-VAE decode.
-    Sample i's noise is randn from the generator seeded seed * 2^32 + i: it depends only on (seed, i)."""
+    Sample i's noise (and its --h re-noising) is randn from the generator seeded seed * 2^32 + i: it depends only
+    on (seed, i)."""
     from tqdm import tqdm
     c, out = student.config, []
     for b in tqdm(range(0, len(indices), args.batch_size), desc="batches", delay=common.PROGRESS_DELAY,
                   disable=int(os.environ.get("RANK", 0)) != 0):
-        noise = torch.stack([torch.randn(c.in_channels, c.sample_size, c.sample_size, generator=torch.Generator()
-                                         .manual_seed(args.seed * 2 ** 32 + int(i)))
-                             for i in indices[b:b + args.batch_size]])
+        gens = [torch.Generator().manual_seed(args.seed * 2 ** 32 + int(i)) for i in indices[b:b + args.batch_size]]
+        noise = torch.stack([torch.randn(c.in_channels, c.sample_size, c.sample_size, generator=g) for g in gens])
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             z = piflow.sample(student, noise.to(device), torch.as_tensor(labels[b:b + args.batch_size], device=device),
-                              nfe, temperature=args.temperature, total_substeps=args.total_substeps)
+                              nfe, temperature=args.temperature, total_substeps=args.total_substeps, h=args.h,
+                              generator=gens)
         x = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample.float()      # SD-VAE: [-1, 1]
         common.check_finite_output(x, "the decoded samples", f"--ckpt, --temperature={args.temperature}")
         out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())

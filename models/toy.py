@@ -465,14 +465,23 @@ def to_uint8(x, scale=4):
 def add_sample_flags(p, model="toy"):
     p.add_argument("--ckpt", default=DEFAULT_CKPT, help="student checkpoint: an export or a run's ckpt.pt "
                    "(default: the shipped toy student)")
+    p.add_argument("--class-labels", type=int, nargs="+", default=list(range(NUM_CLASSES)), help="grid rows: class "
+                   f"ids in [0, {NUM_CLASSES}) (default: all)")
     p.add_argument("--per-class", type=int, default=8, help="samples per class in the grid (default: %(default)s)")
+    p.add_argument("--reference", choices=("ode", "euler"), default="ode", help="right half of the grid, from the "
+                   "same noise: the teacher's ODE (RK4, 256 calls) or its own Euler sampler at the student's NFE "
+                   "(default: %(default)s)")
 
 
 def sample_grid(args):
-    """`sample.py --model toy`: per class, student samples | the teacher's ODE from the same noise; metrics."""
+    """`sample.py --model toy`: per class (--class-labels), student samples | the teacher's ODE (or, with
+    --reference euler, its Euler sampler at the student's NFE) from the same noise; metrics."""
     if args.per_class < 1:
         raise common.UserError(f"--per-class={args.per_class} is not accepted; expected an integer >= 1")
-    n = NUM_CLASSES * args.per_class                          # noise, student, teacher ODE, teacher Euler: float32
+    labels = getattr(args, "class_labels", list(range(NUM_CLASSES)))
+    if not all(0 <= c < NUM_CLASSES for c in labels):
+        raise common.UserError(f"--class-labels={labels} is not accepted; expected ids in [0, {NUM_CLASSES})")
+    n = len(labels) * args.per_class                          # noise, student, teacher ODE, teacher Euler: float32
     common.check_memory(4 * n * math.prod(IMG) * 4, "--per-class", args.per_class, f"the {n} samples")
     student, st = load_student(args.ckpt)
     cfg = student.piid_config
@@ -482,10 +491,10 @@ def sample_grid(args):
     teacher = piflow.guided_teacher(load_teacher(), st.get("guidance", 1.0), torch.tensor([NUM_CLASSES]),
                                     tuple(st.get("guidance_interval", (0.0, 1.0))))
     g = torch.Generator().manual_seed(args.seed)
-    cond = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class)                # (B,)
+    cond = torch.tensor(labels).repeat_interleave(args.per_class)                    # (B,)
     noise = torch.randn((len(cond),) + IMG, generator=g)
     x, schedule = piflow.sample(student, noise, cond, args.nfe, temperature=args.temperature, return_schedule=True,
-                                progress=common.PROGRESS_DELAY)
+                                h=args.h, generator=g, progress=common.PROGRESS_DELAY)
     nfe = schedule["nfe"]
     common.check_finite_output(x, "the student's samples", f"--ckpt={args.ckpt!r}, --temperature={args.temperature}")
     print("sigma schedule: " + ", ".join(f"{s:.4f}" for s in schedule["sigmas"].tolist()))
@@ -498,12 +507,15 @@ def sample_grid(args):
         print(f"{name:14s} NFE {nfe if name != 'teacher ODE' else '256'}: teacher alignment MSE "
               f"{m['align']:.5f} | mode KL {m['mode_kl']:.4f} | sliced W2 {m['swd']:.4f}")
         metrics[name] = m
-    k, tiles_s, tiles_t = args.per_class, to_uint8(x), to_uint8(x_teacher)
-    rows = [tiles_s[c * k:(c + 1) * k] + [None] + tiles_t[c * k:(c + 1) * k] for c in range(NUM_CLASSES)]
-    cols = [f"LEFT: pi-Flow student, NFE {nfe}"] + [None] * k + ["RIGHT: teacher ODE (RK4, 256 calls), same noise"]
+    euler = getattr(args, "reference", "ode") == "euler"
+    k, tiles_s, tiles_t = args.per_class, to_uint8(x), to_uint8(x_euler if euler else x_teacher)
+    rows = [tiles_s[r * k:(r + 1) * k] + [None] + tiles_t[r * k:(r + 1) * k] for r in range(len(labels))]
+    right = f"teacher Euler, {nfe} steps" if euler else "teacher ODE (RK4, 256 calls)"
+    cols = [f"LEFT: pi-Flow student, NFE {nfe}" + (f", h {args.h}" if args.h else "")] + [None] * k + \
+        [f"RIGHT: {right}, same noise"]
     title = (f"toy ImageNet, seed {args.seed}: teacher-alignment MSE student {metrics['student']['align']:.4f} vs "
              f"teacher Euler {nfe} steps {metrics['teacher Euler']['align']:.4f}")
-    return dict(rows=rows, row_labels=[f"class {c}" for c in range(NUM_CLASSES)], col_labels=cols, title=title,
+    return dict(rows=rows, row_labels=[f"class {c}" for c in labels], col_labels=cols, title=title,
                 nfe=nfe, metrics=metrics["student"], all_metrics=metrics)
 
 

@@ -169,6 +169,14 @@ def parse_temperature(v):
     return T
 
 
+def parse_h(v):
+    """--h: the flow-map SDE knob, a finite value >= 0 or 'inf' (piflow.check_h)."""
+    try:
+        return piflow.check_h(v if v == "inf" else float(v))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r} is not accepted; expected a finite value >= 0 or 'inf'") from None
+
+
 #################################################################################
 #                                  Safe files                                   #
 #################################################################################
