@@ -386,11 +386,10 @@ def test_policy_student_reads_through_the_teachers_post_processing(make, shape, 
     torch.manual_seed(0)
     teacher = make().requires_grad_(False)
     conditional = getattr(teacher, "label", None) is not None
+    student = toy2d.PolicyStudent(teacher, policy, K=3, N=4, bias_noise=0.0, cfg=piflow.PiIDConfig(nfe=4, shift=3.2))
     for B in (shape[0], shape[0] // 2):                   # two batch sizes: the map is inferred per input shape
         x = torch.randn((B,) + shape[1:], generator=torch.Generator().manual_seed(B))
         sigma, cond = torch.rand(B) * 0.9 + 0.1, (torch.arange(B) % 5 if conditional else None)
-        student = student if B < shape[0] else toy2d.PolicyStudent(teacher, policy, K=3, N=4, bias_noise=0.0,
-                                                                   cfg=piflow.PiIDConfig(nfe=4, shift=3.2))
         with torch.no_grad():
             u, pol = piflow.call(teacher, x, sigma, cond), student(x, sigma, cond)
             v = pol.velocity(x, sigma)
