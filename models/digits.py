@@ -1,9 +1,10 @@
 """Handwritten digits (MNIST, 28x28): real data, a DiT teacher trained on it with the ImageNet classes, and a digit
 classifier that scores samples (class accuracy, FID in its feature space).
 
-    python -m models.digits teacher          # retrain assets/digits_teacher/ (config.json + safetensors), ~30 min
-    python -m models.digits classifier       # retrain assets/digits_classifier.safetensors (seconds)
-    python -m models.digits evaluate         # the teacher's samples: class accuracy, classifier FID, timings
+    python -m models.digits teacher          # retrain assets/digits_teacher/ (config.json + safetensors): ~32 min
+    python -m models.digits classifier       # retrain assets/digits_classifier.safetensors: ~40 s
+    python -m models.digits evaluate         # the teacher's samples: alignment, class accuracy, classifier FID
+    python -m models.digits evaluate --student runs/gm/ckpt.pt     # students too (docs/digits.md has the table)
     python -m models.digits latents --out runs/digits_latents     # the train split as a latent folder (Alg. 2)
     python -m models.digits data --csv mnist_5k.csv.gz            # rebuild assets/digits_mnist.npz
 
@@ -277,7 +278,7 @@ class ClassifierFeatures(nn.Module):
 
 
 def shift_batch(x, g, max_shift=2):
-    """Random translations by up to max_shift pixels (zero = background -1 fill), one per image."""
+    """Random translations by up to max_shift pixels, one per image (the border filled with background, -1)."""
     n, pad = len(x), max_shift
     xp = F.pad(x, (pad,) * 4, value=-1.0)
     dy, dx = (torch.randint(2 * pad + 1, (n,), generator=g) for _ in range(2))
@@ -360,6 +361,12 @@ def save_grid(path, groups, title, scale=2):
     rows = [sum(([up(t) for t in tiles[c]] + [None] for _, tiles in groups), [])[:-1] for c in range(NUM_CLASSES)]
     cols = sum(([label] + [None] * len(tiles[0]) for label, tiles in groups), [])[:-1]
     common.save_grid(rows, path, [str(c) for c in range(NUM_CLASSES)], cols, title)
+
+
+def short_name(spec):
+    """A run's ckpt.pt is named by its run folder, anything else by its base name."""
+    path = os.path.normpath(spec)
+    return os.path.basename(os.path.dirname(path) if os.path.basename(path) == "ckpt.pt" else path)
 
 
 def fmt(v):
@@ -448,7 +455,7 @@ def evaluate(args):
         nfe = student.piid_config.nfe
         x, cpu = run(lambda z, c: piflow.sample(student, z, c))
         row(f"student {spec}", to_uint8(x), y.numpy(), f"{w:g} on {list(iv)}", nfe,
-            float((x - x_ode).pow(2).mean()), cpu, f"student {os.path.basename(os.path.normpath(spec))}")
+            float((x - x_ode).pow(2).mean()), cpu, f"student {short_name(spec)}")
         teacher_euler(w, iv, nfe)
     return rows
 
@@ -556,7 +563,7 @@ def main(argv=None):
             if args.json:
                 common.save_text(args.json, json.dumps(rows, indent=1))
             if args.grid:
-                save_grid(args.grid, groups, f"{os.path.basename(os.path.normpath(args.teacher))}: samples from the same noise "
+                save_grid(args.grid, groups, f"{short_name(args.teacher)}: samples from the same noise "
                           f"(seed {args.seed}); CFG on sigma in {args.interval}")
                 print(f"wrote {args.grid}")
 

