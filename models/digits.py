@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runtime import common
+from runtime import common, trainer
 import piflow
 
 NUM_CLASSES, SIZE, HELD_OUT_PER_CLASS = 10, 28, 50
@@ -127,14 +127,12 @@ class Options:
     data: str = DATA                 # digits .npz (images, labels, test)
 
     def __post_init__(self):
-        for name, ok, accepted in [("hidden", self.hidden >= 2, ">= 2"), ("layers", self.layers >= 1, ">= 1"),
+        piflow.check_fields(self, [("hidden", self.hidden >= 2, ">= 2"), ("layers", self.layers >= 1, ">= 1"),
                                    ("heads", self.heads >= 1 and self.hidden % self.heads == 0,
                                     f"a divisor of hidden={self.hidden}"),
                                    ("patch", self.patch >= 1 and SIZE % self.patch == 0, "a divisor of 28"),
                                    ("t_scale", self.t_scale > 0, "> 0"),
-                                   ("label_dropout", 0 <= self.label_dropout < 1, "a probability in [0, 1)")]:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; expected {accepted}")
+                                   ("label_dropout", 0 <= self.label_dropout < 1, "a probability in [0, 1)")])
 
 
 # The shipped recipe (the defaults of `python -m models.digits teacher`): TrainConfig fields.
@@ -194,9 +192,9 @@ def save_teacher(path, net, state, meta):
     common.publish_dir(path, write)
 
 
-class TeacherAttachment:
+class TeacherAttachment(trainer.Attachment):
     """trainer.py attachment whose `loss` is flow matching: the 'student' it trains is the teacher DiT."""
-    sharded, noise_shape = False, (1, SIZE, SIZE)
+    noise_shape, num_classes = (1, SIZE, SIZE), NUM_CLASSES
 
     def __init__(self, opts, settings, device):
         images, labels = load_split("train", opts.data)
@@ -208,9 +206,6 @@ class TeacherAttachment:
         self._probes = {name: (x, y, torch.rand(len(x), generator=g), torch.randn(x.shape, generator=g))
                         for name, x, y in (("test_fm", to_pixels(test), torch.as_tensor(test_labels)),
                                            ("train_fm", self.x0.cpu()[:500], self.y.cpu()[:500]))}
-
-    def trainable(self):
-        return dict(self.student.named_parameters())
 
     def fm_loss(self, net, x0, y, sigma, eps):
         """Eq. 2: || u_theta(x_sigma, sigma, y) - (eps - x0) ||^2, per sample mean over pixels."""
@@ -437,7 +432,8 @@ def evaluate(args):
         if (w, interval, nfe) not in euler:
             euler.add((w, interval, nfe))
             teacher, x_ode = teacher_ode(w, interval)
-            x, cpu = run(lambda z, c: toy.teacher_euler(teacher, z, c, nfe))
+            sigmas = piflow.nfe_schedule(nfe, 1.0, 1.0)[1]                   # uniform in sigma
+            x, cpu = run(lambda z, c: piflow.teacher_euler(teacher, z, c, sigmas))
             row("teacher Euler", to_uint8(x), y.numpy(), f"{w:g} on {list(interval)}", nfe,
                 float((x - x_ode).pow(2).mean()), cpu, f"Euler {nfe}, CFG {w:g}" if w == args.grid_guidance else None)
 
@@ -465,15 +461,14 @@ def evaluate(args):
 #################################################################################
 
 def teacher_parser():
-    from runtime import trainer
     p = argparse.ArgumentParser(prog="python -m models.digits teacher", description="Train the digits teacher "
                                 "(sit.DiT, flow matching) with runtime/trainer.py; write it in the ImageNet teacher "
                                 "format at --export.")
     common.add_flags(p.add_argument_group("teacher (models.digits.Options)"), Options)
     common.add_flags(p.add_argument_group("training (trainer.TrainConfig)"), trainer.TrainConfig, TEACHER_TRAIN,
                      skip=("guidance", "guidance_interval", "data_dependent", "optimizer", "dtype"))
-    trainer.add_run_flags(p, "runs/digits_teacher")
-    p.set_defaults(export=TEACHER, eval_every=1000, ckpt_every=1000, log_every=200)
+    common.add_flags(p.add_argument_group("run (trainer.RunConfig)"), trainer.RunConfig,
+                     dict(out="runs/digits_teacher", export=TEACHER, eval_every=1000, ckpt_every=1000, log_every=200))
     return p
 
 
@@ -525,7 +520,7 @@ def main(argv=None):
     counts = ("epochs", "per_class", "ode_steps", "batch_size", "grid_per_class")
     rules = [(k, getattr(args, k) >= 1, "an integer >= 1") for k in counts if hasattr(args, k)]
     rules.append(("threads", getattr(args, "threads", 0) >= 0, "an integer >= 0"))
-    common.check(p, args, rules)
+    common.check(args, rules, p)
     with common.user_errors(f"models.digits {args.cmd}"):
         if getattr(args, "threads", 0):
             torch.set_num_threads(args.threads)
@@ -569,23 +564,21 @@ def main(argv=None):
 
 
 def main_teacher(argv):
-    from runtime import trainer
     p = teacher_parser()
     args = p.parse_args(argv)
-    trainer.check_run_flags(p, args)
-    opts, tc = common.build(Options, args, p), common.build(trainer.TrainConfig, args, p)
+    opts, tc, rc = (common.build(cls, args, p) for cls in (Options, trainer.TrainConfig, trainer.RunConfig))
     settings = trainer.settings_of(opts, tc, teacher="digits")
     with common.user_errors("models.digits teacher"):
-        common.check_writable(args.export, "--export")
+        common.check_writable(rc.export, "--export")
         load_split("test", opts.data)                                       # fail before the work
         t0, c0 = time.time(), time.process_time()
         try:
             att, _ = trainer.train(lambda device, dtype: TeacherAttachment(opts, settings, device),
-                                   piflow.PiIDConfig(), tc, settings, args)
+                                   piflow.PiIDConfig(), tc, settings, rc)
         except trainer.Diverged as e:
             print(f"models.digits teacher: stopped: {e}", file=sys.stderr, flush=True)
             raise SystemExit(3) from None
-        print(f"wrote {args.export} ({time.time() - t0:.0f} s wall, {time.process_time() - c0:.0f} s CPU)")
+        print(f"wrote {rc.export} ({time.time() - t0:.0f} s wall, {time.process_time() - c0:.0f} s CPU)")
 
 
 if __name__ == "__main__":

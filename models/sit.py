@@ -373,12 +373,24 @@ def save_student(path, student, state=None, **meta):
 #################################################################################
 
 def load_vae(spec=VAE_ID, device="cpu"):
-    """diffusers AutoencoderKL from a folder or the hub (`owner/repo[:subfolder]`, one-line errors)."""
+    """diffusers AutoencoderKL from a folder or the hub (`owner/repo[:subfolder]`, one-line errors); 'none': no
+    VAE, the model works on pixels in [-1, 1] (the digits, models/digits.py)."""
+    if spec == "none":
+        return None
     from diffusers import AutoencoderKL
     try:
         return AutoencoderKL.from_pretrained(resolve(spec, "--vae")).to(device).eval().requires_grad_(False)
     except (OSError, ValueError) as e:
         raise common.UserError(f"--vae={spec!r} is not an AutoencoderKL folder ({common.first_line(e)})") from None
+
+
+def decode(vae, z):
+    """Model space -> images in [-1, 1] (B, 3, H, W): the SD-VAE decoder, or (vae None) the pixels themselves,
+    grey (one channel) replicated to RGB."""
+    if vae is None:
+        x = z.float()
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    return vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample.float()
 
 
 def center_crop(img, res):
@@ -479,7 +491,7 @@ class Options:
     t_scale: float = 0.0                # network time = t_scale * sigma; 0 = the checkpoint's (1 REPA, 1000 FM DiT)
     teacher_convention: str = "auto"    # auto | u (REPA, FM DiT: v = u) | sit (original SiT: t = 1 - sigma, v = -u)
     grad_checkpointing: bool = False    # recompute the student's blocks in the backward pass (less memory)
-    vae: str = VAE_ID                   # SD-VAE of the latents: recorded in the export, sample.py decodes with it
+    vae: str = VAE_ID                   # SD-VAE of the latents (recorded in the export, sample.py decodes with it); none: pixels
     trust_checkpoint: bool = False      # unpickle .pt files fully (only files you trust; default: weights only)
     eval_ref: str = ""                  # reference .npz (ADM: arr_0 images / mu, sigma): FID + IS at --eval-every
     eval_samples: int = 1000            # samples of that FID (a proxy at this n, not FID-50k)
@@ -583,7 +595,7 @@ def add_sample_flags(p, model="imagenet"):
              "--num-samples images (metrics.py), in-process; under torchrun every rank measures its block"),
             ("--batch-size", dict(type=int, default=32), "samples per student call"),
             ("--total-substeps", dict(type=int, default=None), "rollout substeps per unit time; None = the student's"),
-            ("--vae", dict(default=None), f"SD-VAE, hub id or folder; None = the student's, else {VAE_ID}"),
+            ("--vae", dict(default=None), f"SD-VAE, hub id or folder, or 'none' (pixel models); None = the student's, else {VAE_ID}"),
             ("--t-scale", dict(type=float, default=0.0), "network time = t_scale * sigma; 0 = the student's, else 1"),
             ("--device", dict(default=None), "torch device; None = cuda if available (torchrun: cuda:LOCAL_RANK)"),
             ("--trust-checkpoint", dict(action="store_true"), "unpickle a .pt student fully (trusted files only)")]:
@@ -605,7 +617,7 @@ def generate(student, vae, indices, labels, args, nfe, device):
             z = piflow.sample(student, noise.to(device), torch.as_tensor(labels[b:b + args.batch_size], device=device),
                               nfe, temperature=args.temperature, total_substeps=args.total_substeps, h=args.h,
                               generator=gens)
-        x = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample.float()      # SD-VAE: [-1, 1]
+        x = decode(vae, z)                                                           # (B, 3, H, W) in [-1, 1]
         common.check_finite_output(x, "the decoded samples", f"--ckpt, --temperature={args.temperature}")
         out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 1, 1, 3), np.uint8)

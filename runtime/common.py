@@ -363,26 +363,28 @@ def read_json(path, what):
 def save_grid(rows, path, row_labels=None, col_labels=None, title=None, pad=2):
     """Write a PNG grid of uint8 tiles (H, W) or (H, W, 3): rows[i][j] (None = blank), with optional labels
     left of each row, above each column and a title line. Written atomically."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
     tiles = [t for r in rows for t in r if t is not None]
     th, tw = tiles[0].shape[:2]
-    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_w = lambda s: int(draw.textlength(s)) + 6
+    font = ImageFont.load_default(size=12)       # Pillow's default font: at its size 10 a space is 2 px wide
+    text_w = lambda s: int(font.getlength(s)) + 6
     lw = max([text_w(s) for s in row_labels or []] + [0])
-    th_top = (14 if title else 0) + (14 if col_labels else 0)
+    th_top = (16 if title else 0) + (16 if col_labels else 0)
     ncol = max(len(r) for r in rows)
     W, H = lw + ncol * (tw + pad) + pad, th_top + len(rows) * (th + pad) + pad
+    W = max([W, text_w(title or "")] + [lw + pad + j * (tw + pad) + text_w(s) for j, s in enumerate(col_labels or [])
+                                         if s])                          # no label or title is cut off
     img = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(img)
     if title:
-        d.text((pad, 1), title, fill=(0, 0, 0))
+        d.text((pad, 1), title, fill=(0, 0, 0), font=font)
     for j, s in enumerate(col_labels or []):
         if s:
-            d.text((lw + pad + j * (tw + pad), th_top - 13), s, fill=(0, 0, 0))
+            d.text((lw + pad + j * (tw + pad), th_top - 15), s, fill=(0, 0, 0), font=font)
     for i, r in enumerate(rows):
         y = th_top + pad + i * (th + pad)
         if row_labels:
-            d.text((2, y + th // 2 - 6), row_labels[i], fill=(0, 0, 0))
+            d.text((2, y + th // 2 - 7), row_labels[i], fill=(0, 0, 0), font=font)
         for j, t in enumerate(r):
             if t is not None:
                 img.paste(Image.fromarray(t).convert("RGB"), (lw + pad + j * (tw + pad), y))

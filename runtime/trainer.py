@@ -83,6 +83,11 @@ PRESETS = {
     # toy teacher (toy.py): the default run, and the embedded toy student's recipe (assets/README.md)
     "toy": dict(teacher="toy", policy="gm", K=8, nfe=4, lr=3e-5),
     "toy-gm-k8-4nfe": dict(teacher="toy", policy="gm", K=8, nfe=4, steps=2000, batch_size=64, lr=3e-5, cosine=True),
+    # the shipped digits student (docs/digits.md): Table 8's recipe on the digits DiT teacher (pixels, no VAE), sized
+    # for a CPU; --policy dx / --nfe / --data-dependent --latents give the other students of the digits table
+    "digits-gm-k8-4nfe": dict(TABLE8, teacher_ckpt="assets/digits_teacher", vae="none", K=8, nfe=4, guidance=1.5,
+                              lr=1e-4, warmup=50, clip_start=50, ema_start=50, batch_size=32, steps=800,
+                              data_dependent=False),
     # Table 8
     "gmrepa-k32-1nfe": dict(TABLE8, teacher_ckpt="repa", nfe=1, guidance=3.2),
     "gmrepa-k32-2nfe": dict(TABLE8, teacher_ckpt="repa", nfe=2, guidance=2.8, steps=24000),
