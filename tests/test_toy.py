@@ -62,7 +62,7 @@ def test_exact_velocity_matches_numpy_posterior(sigma, c, w, seed):
 
 
 def rk4_reference(f, x, n, end=1e-9):
-    """Fixed-step RK4 from sigma 1 to `end` written here (independent of toy.teacher_rk4)."""
+    """Fixed-step RK4 from sigma 1 to `end` written here (independent of piflow.teacher_rk4)."""
     for i in range(n):
         s, h = 1 - i / n, -1 / n
         k1 = f(x, s)
@@ -76,7 +76,7 @@ def rk4_reference(f, x, n, end=1e-9):
 def test_teacher_network_fits_the_exact_velocity_and_its_ode():
     """The shipped teacher network vs the exact GM: velocity relative MSE (measured 8.3e-4) and the ODE endpoints
     of both (median per-sample MSE measured ~1e-5; the mean is dominated by ~1 % of samples on a neighbouring
-    prototype). The exact endpoint: scipy DOP853 == the RK4 written here; the network's: toy.teacher_rk4 == it."""
+    prototype). The exact endpoint: scipy DOP853 == the RK4 written here; the network's: piflow.teacher_rk4 == it."""
     g = torch.Generator().manual_seed(5)
     c = torch.randint(toy.NUM_CLASSES + 1, (512,), generator=g)
     sigma = torch.rand(512, generator=g).clamp(min=1e-3)
@@ -97,7 +97,7 @@ def test_teacher_network_fits_the_exact_velocity_and_its_ode():
                               noise.double(), 256, end=0.0)
     with torch.no_grad():                                                  # the same RK4 in float32: same numbers
         x_32 = rk4_reference(lambda x, s: TEACHER(x, torch.full((8,), s), cond), noise, 64, end=0.0)
-    torch.testing.assert_close(toy.teacher_rk4(TEACHER, noise, cond), x_32, rtol=0, atol=1e-6)
+    torch.testing.assert_close(piflow.teacher_rk4(TEACHER, noise, cond), x_32, rtol=0, atol=1e-6)
     assert (x_32.double() - x_net).pow(2).mean() < 1e-7                    # 64 vs 256 steps: measured 8e-9
     assert (x_net - x_exact).pow(2).flatten(1).mean(1).median() < 1e-3
     assert (DATA.proto_class[DATA.nearest_proto(x_net)] == cond).all()
@@ -138,7 +138,7 @@ def test_shipped_student_beats_teacher_euler():
     g = torch.Generator().manual_seed(123)
     cond = torch.arange(toy.NUM_CLASSES).repeat_interleave(10)
     noise = torch.randn((len(cond),) + toy.IMG, generator=g)
-    ref = toy.teacher_rk4(TEACHER, noise, cond)
+    ref = piflow.teacher_rk4(TEACHER, noise, cond)
     for nfe, limit in SHIPPED.items():
         err_s = toy.teacher_alignment(piflow.sample(student, noise, cond, nfe), ref)
         err_e = toy.teacher_alignment(piflow.teacher_euler(TEACHER, noise, cond, piflow.nfe_schedule(nfe)[1]), ref)
@@ -180,7 +180,7 @@ def test_default_sample_png_pixels_and_alignment(tmp_path, monkeypatch):
             got = img[y0:y0 + tile, x0:x0 + tile]
             assert (got == got[::4, ::4, :1].repeat(4, 0).repeat(4, 1)).all(), (i, col)   # grey, 4x4 blocks
             assert_quantised(got[::4, ::4, 0], grey(xs[i, 0]), what=f"tile {i}, column {col}")
-    print(f"teacher tiles: toy.teacher_rk4 vs the RK4 here: {gap:.2e} grey levels")
+    print(f"teacher tiles: piflow.teacher_rk4 vs the RK4 here: {gap:.2e} grey levels")
     m = res["all_metrics"]
     assert res["metrics"]["align"] < DEFAULT_ALIGN and m["student"]["align"] < m["teacher Euler"]["align"]
     assert abs(res["metrics"]["align"] - toy.teacher_alignment(x, x_t)) < 1e-6
