@@ -198,6 +198,20 @@ class DXPolicy:
         return new
 
 
+class ShortcutPolicy:
+    """Fig. 2b's shortcut-predicting baseline as a policy: one velocity u held constant over the step, i.e. the
+    straight jump x_dst = x_src + (sigma_dst - sigma_src) u. Trained by shortcut_loss, not by π-ID."""
+
+    def __init__(self, u, x_src, sigma_src):
+        self.u, self.x_src, self.sigma_src = u, x_src, as_batch(sigma_src, x_src)
+
+    def velocity(self, x_t, sigma_t):
+        return self.u
+
+    def detach(self):
+        return ShortcutPolicy(self.u.detach(), self.x_src, self.sigma_src)
+
+
 #################################################################################
 #            3. GMFlow policy: closed-form GM posterior (§3.2, App. F)          #
 #################################################################################
@@ -600,6 +614,24 @@ def piid_data_free(student, teacher, noise, cond=None, cfg=PiIDConfig(), step=0,
     return total
 
 
+def shortcut_loss(student, noise, cond, cfg, jump, backward):
+    """The Fig. 2b baseline's loss (direct regression of shortcuts, §1 and §7): at each NFE step of the schedule,
+    1/2 |u - (x_dst - x_src) / (sigma_dst - sigma_src)|^2 with x_dst = jump(x_src, i) the teacher ODE's endpoint of
+    step i, weighted by the step's raw length as in Alg. 3; the walk follows the teacher's trajectory from noise.
+    backward(loss) is called per step; returns the detached total."""
+    taus, sigmas = nfe_schedule(cfg.nfe, cfg.shift, cfg.final_step_scale)
+    x, total = noise, 0.0
+    for i in range(cfg.nfe):
+        s_src, s_dst = float(sigmas[i]), float(sigmas[i + 1])
+        with torch.no_grad():
+            x_dst = jump(x, i)
+        u = call(student, x, as_batch(s_src, x), cond).u
+        loss = 0.5 * (u - (x_dst - x) / (s_dst - s_src)).pow(2).mean() * float(taus[i] - taus[i + 1])
+        backward(loss)
+        total, x = total + loss.detach(), x_dst
+    return total
+
+
 #################################################################################
 #                        6. Few-step sampler (§3, B.1)                          #
 #################################################################################
@@ -744,18 +776,18 @@ def teacher_euler(teacher, noise, cond, sigmas, progress=False):
 
 
 @torch.no_grad()
-def teacher_rk4(teacher, noise, cond=None, steps=64):
+def teacher_rk4(teacher, noise, cond=None, steps=64, sigma_src=1.0, sigma_dst=0.0):
     """The teacher's ODE endpoint (the reference of teacher alignment, §5.3 and Fig. 4): classical RK4, `steps`
-    steps uniform in sigma from 1 to 0 (4 teacher calls each). On the toy teacher 64 steps agree with DOP853
-    (rtol 1e-7) to 1e-8 MSE."""
-    x = noise
+    steps uniform in sigma from sigma_src (1: noise) to sigma_dst, 4 teacher calls each. On the toy teacher 64
+    steps from 1 to 0 agree with DOP853 (rtol 1e-7) to 1e-8 MSE."""
+    x, span = noise, sigma_src - sigma_dst
     f = lambda x, s: call(teacher, x, as_batch(s, x), cond).to(x.dtype)
     for i in range(steps):
-        a, h = 1 - i / steps, -1 / steps
+        a, h = sigma_src - i * span / steps, -span / steps
         k1 = f(x, a)
         k2 = f(x + h / 2 * k1, a + h / 2)
         k3 = f(x + h / 2 * k2, a + h / 2)
-        k4 = f(x + h * k3, max(a + h, 0.0))
+        k4 = f(x + h * k3, max(a + h, sigma_dst))
         x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
     return x
 

@@ -72,7 +72,7 @@ class EmbeddedPage:
         out = os.path.join(self.folder, f"{self.model}_{next(self.count):05d}.png")
         t0 = time.time()
         _, text = run_sample(argv + ["--out", out])
-        command = "python sample.py " + " ".join(a for a in argv if a not in ("--model", self.model))
+        command = "python sample.py " + " ".join(argv)
         return out, f"{command}\n{text.strip()}\n({time.time() - t0:.1f} s)"
 
 

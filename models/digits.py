@@ -524,6 +524,8 @@ def sample_grid(args):
     from models import sit
     common.check(args, [("per_class", args.per_class >= 1, "an integer >= 1"),
                         ("ode_steps", args.ode_steps >= 1, "an integer >= 1")])
+    n = NUM_CLASSES * args.per_class                    # teacher calls on 2 n samples: ~0.5 MiB of activations each
+    common.check_memory(n * 2 ** 20, "--per-class", args.per_class, f"the {n} samples of each sampler")
     student, w, interval = load_student(args.ckpt, "--ckpt")
     net, conv = sit.load_teacher(sit.Options(teacher_ckpt=args.teacher))
     clf = load_classifier(args.classifier)
@@ -534,7 +536,8 @@ def sample_grid(args):
                                 return_schedule=True)
     nfe = schedule["nfe"]
     common.check_finite_output(x, "the student's samples", f"--ckpt={args.ckpt!r}, --temperature={args.temperature}")
-    samples = {f"pi-Flow student, NFE {nfe}" + (f", h {args.h}" if args.h else ""): x,
+    kind = "shortcut student" if isinstance(student, sit.ShortcutDiT) else "pi-Flow student"
+    samples = {f"{kind}, NFE {nfe}" + (f", h {args.h}" if args.h else ""): x,
                f"teacher Euler, {nfe} steps": piflow.teacher_euler(teacher, noise, y, schedule["sigmas"]),
                f"teacher ODE, RK4 {args.ode_steps}": None}
     key = reference_key(args.teacher, args.seed, k, w, interval, args.ode_steps)

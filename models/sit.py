@@ -118,6 +118,15 @@ class DXDiT(DiT):
         return piflow.DXPolicy(grid_u, x_t, sigma, self.segment_size, self.shift)
 
 
+class ShortcutDiT(DiT):
+    """Fig. 2b's shortcut-predicting baseline: the teacher's own network (initialised from it) whose output u is
+    held constant over each step (piflow.ShortcutPolicy), trained on the teacher ODE's jumps (piflow.shortcut_loss)."""
+
+    def forward(self, x_t, sigma, y):
+        sigma = piflow.as_batch(sigma, x_t)
+        return piflow.ShortcutPolicy(super().forward(x_t, sigma * self.t_scale, y), x_t, sigma)
+
+
 def as_teacher(net, convention="u"):
     """net -> teacher(x_t, sigma, y) = u. 'u' (REPA, FM DiT): u = net(x_t, t_scale sigma, y); 'sit' (original SiT,
     t = 0 is noise, v = x0 - eps): u = -net(x_t, 1 - sigma, y)."""
@@ -130,8 +139,13 @@ def as_teacher(net, convention="u"):
 @torch.no_grad()
 def student_from_teacher(teacher, policy, K, N, cfg, generator=None):
     """The teacher's trunk with its output layer widened into the policy head (§5.1): GM means = the teacher's
-    u + bias noise 0.05 (piflow.init_gm_head); DX grid = N copies of the teacher head, no noise."""
+    u + bias noise 0.05 (piflow.init_gm_head); DX grid = N copies of the teacher head, no noise; shortcut (the Fig.
+    2b baseline): the teacher itself."""
     config, C = {k: v for k, v in teacher.config.items() if k in DIT_KEYS}, teacher.out_channels
+    if policy == "shortcut":
+        student = ShortcutDiT(**config)
+        student.load_state_dict(teacher.state_dict())
+        return with_schedule(student, teacher.t_scale, cfg)
     W, b = teacher.proj_out_2.weight.float(), teacher.proj_out_2.bias.float()
     if policy == "gm":
         student = GMDiT(num_gaussians=K, **config)
@@ -279,7 +293,8 @@ def read(spec, what, trust=False, heads=0):
 def build(config, sd, what):
     """The module a config describes (GMDiT with num_gaussians, DXDiT for our DX exports, else DiT), its weights
     loaded strictly (every tensor present, none left over)."""
-    cls = GMDiT if "num_gaussians" in config else DXDiT if config.get("piflow", {}).get("policy") == "dx" else DiT
+    policy = config.get("piflow", {}).get("policy")
+    cls = GMDiT if "num_gaussians" in config else {"dx": DXDiT, "shortcut": ShortcutDiT}.get(policy, DiT)
     if ignored := sorted(k for k in config if k not in DIT_KEYS | GM_KEYS | {"piflow"} and not k.startswith("_")):
         print(f"{what}: config.json keys not used: {', '.join(ignored)}")
     try:
@@ -331,10 +346,11 @@ def load_student(spec, what="--ckpt", trust=False, t_scale=0.0):
             teacher = load_teacher(opts)[0]
             config, ts = dict(teacher.config), teacher.t_scale
         config = {k: v for k, v in config.items() if k in DIT_KEYS}
-        config.update(dict(num_gaussians=opts.K) if opts.policy == "gm" else
+        config.update(dict(num_gaussians=opts.K) if opts.policy == "gm" else dict(piflow=dict(policy="shortcut"))
+                      if opts.policy == "shortcut" else
                       dict(out_channels=opts.N * config["in_channels"], piflow=dict(policy="dx")))
         meta = dict(policy=opts.policy, piid_config=run, vae=opts.vae, t_scale=opts.t_scale or ts)
-    if "num_gaussians" not in config and meta.get("policy") != "dx":
+    if "num_gaussians" not in config and meta.get("policy") not in ("dx", "shortcut"):
         raise common.UserError(f"{what}={spec!r} is not a pi-Flow student (no GM heads, not a DX export)")
     net = build(config, sd, what)
     if meta.get("piid_config"):
@@ -356,11 +372,14 @@ def save_student(path, student, state=None, **meta):
     from safetensors.torch import save_file
     state = {k: v.detach().float().cpu().contiguous() for k, v in (state or student.state_dict()).items()}
     common.check_finite(state, f"export {path}")
-    gm, cfg = isinstance(student, GMDiT), student.piid_config
+    cfg = student.piid_config
+    kind = "gm" if isinstance(student, GMDiT) else "shortcut" if isinstance(student, ShortcutDiT) else "dx"
     config = {k: v for k, v in student.config.items() if not k.startswith("_")}
-    config.update(_class_name="GMDiTTransformer2DModelV2" if gm else "DXDiTTransformer2DModel", piflow=dict(
-        policy="gm" if gm else "dx", t_scale=student.t_scale, piid_config=dataclasses.asdict(cfg), **meta))
-    policy = {"type": "GMFlow"} if gm else {"type": "DX", "segment_size": student.segment_size, "shift": cfg.shift}
+    config.update(_class_name=dict(gm="GMDiTTransformer2DModelV2", dx="DXDiTTransformer2DModel",
+                                   shortcut="DiTTransformer2DModel")[kind], piflow=dict(
+        policy=kind, t_scale=student.t_scale, piid_config=dataclasses.asdict(cfg), **meta))
+    policy = dict(gm={"type": "GMFlow"}, shortcut={"type": "Shortcut"},
+                  dx={"type": "DX", "segment_size": student.segment_size, "shift": cfg.shift})[kind]
 
     def write(folder):
         save_file(state, os.path.join(folder, WEIGHTS), metadata={"policy_config": json.dumps(policy)})
@@ -482,7 +501,7 @@ class LatentFolder:
 @dataclasses.dataclass(frozen=True)
 class Options:
     teacher_ckpt: str = "repa"          # teacher: repa, flowdit, owner/repo:sub, hf://..., a folder or SiT/DiT file
-    policy: str = "gm"                  # student policy: gm (K Gaussians per pixel) or dx (N-point x0 grid)
+    policy: str = "gm"                  # student policy: gm (K Gaussians per pixel), dx (N-point x0 grid) or shortcut (Fig. 2b baseline)
     K: int = 32                         # Gaussians of the GM policy
     N: int = 10                         # grid points of the DX policy
     latents: str = ""                   # latent folder from `python -m models.sit encode` (data-dependent training needs it)
@@ -497,13 +516,14 @@ class Options:
     eval_samples: int = 1000            # samples of that FID (a proxy at this n, not FID-50k)
 
     def __post_init__(self):
-        piflow.check_fields(self, [("policy", self.policy in ("gm", "dx"), "gm or dx"), ("K", self.K >= 1, ">= 1"),
+        piflow.check_fields(self, [("policy", self.policy in ("gm", "dx", "shortcut"), "gm, dx or shortcut"), ("K", self.K >= 1, ">= 1"),
                                    ("N", self.N >= 1, ">= 1"), ("num_heads", self.num_heads >= 0, ">= 0"),
                                    ("t_scale", self.t_scale >= 0, ">= 0"), ("teacher_convention",
                                    self.teacher_convention in ("auto", "u", "sit"), "auto, u or sit")])
 
 
 FLAG_ALIASES = {"K": ["--num-gaussians"], "N": ["--dx-grid"]}
+SHORTCUT_RK4_STEPS = 2          # the shortcut baseline's teacher jumps: RK4 steps per NFE step (8 teacher calls)
 
 
 class SiTAttachment(trainer.Attachment):
@@ -534,10 +554,22 @@ class SiTAttachment(trainer.Attachment):
         self.net = nn.Module.to(net, device, dtype)                       # (ModelMixin.to warns on any dtype)
         null = torch.tensor([self.num_classes], device=device)
         self.teacher = piflow.guided_teacher(as_teacher(self.net, conv), tc.guidance, null, tuple(tc.guidance_interval))
-        self._ref, self.fid = None, None
+        self._ref, self.fid, self.cfg = None, None, cfg
+        if opts.policy == "shortcut":
+            self.loss = self.shortcut_loss
         if opts.eval_ref:                                                 # rank 0 evaluates: no collective
             self.fid = metrics.ImageMetrics(opts.eval_ref, "--eval-ref", device, sync=False), load_vae(opts.vae,
                                                                                                       device)
+
+    def shortcut_loss(self, step, g, n, backward):
+        """Fig. 2b's baseline, data-free: regress each NFE step's jump of the guided teacher's ODE (RK4,
+        SHORTCUT_RK4_STEPS per NFE step) along the teacher's own trajectory from noise (piflow.shortcut_loss)."""
+        cfg, y = self.cfg, self.sample_cond(n, g)
+        sigmas = piflow.nfe_schedule(cfg.nfe, cfg.shift, cfg.final_step_scale)[1]
+        jump = lambda x, i: piflow.teacher_rk4(self.teacher, x, y, SHORTCUT_RK4_STEPS, float(sigmas[i]),
+                                               float(sigmas[i + 1]))
+        noise = torch.randn((n,) + self.noise_shape, generator=g, device=g.device)
+        return piflow.shortcut_loss(self.student, noise, y, cfg, jump, backward)
 
     def sample_data(self, n, g):
         cpu = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,), generator=g, device=g.device)))

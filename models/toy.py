@@ -227,19 +227,6 @@ def load_teacher(path=TEACHER_CKPT):
     return net.eval().requires_grad_(False)
 
 
-class ShortcutPolicy:
-    """Baseline 'shortcut' policy: one constant velocity per step, i.e. a straight jump x_src -> x_dst."""
-
-    def __init__(self, u, x_src, sigma_src):
-        self.u, self.x_src, self.sigma_src = u, x_src, piflow.as_batch(sigma_src, x_src)
-
-    def velocity(self, x_t, sigma_t):
-        return self.u
-
-    def detach(self):
-        return ShortcutPolicy(self.u.detach(), self.x_src, self.sigma_src)
-
-
 @dataclass(frozen=True)
 class Options:
     policy: str = "gm"        # student policy: gm (GMFlow), dx (DX grid) or shortcut (the regression baseline)
@@ -298,7 +285,7 @@ class ToyStudent(ToyNet):
         if self.opts.policy == "dx":
             grid_u = self.proj_out(h).view(B, self.opts.N, C, H, W)
             return piflow.DXPolicy(grid_u, x_t, sigma, self.segment_size, self.shift)
-        return ShortcutPolicy(self.proj_out(h).view(B, C, H, W).float(), x_t, sigma)
+        return piflow.ShortcutPolicy(self.proj_out(h).view(B, C, H, W).float(), x_t, sigma)
 
 
 
@@ -390,19 +377,11 @@ class ToyAttachment(trainer.Attachment):
     def shortcut_loss(self, step, g, n, backward):
         """Baseline (Fig. 2b): regress each NFE-step jump of the teacher ODE (fine Euler) directly."""
         cfg, cond = self.cfg, self.sample_cond(n, g)
-        x = torch.randn((n,) + IMG, generator=g, device=g.device)
         taus, sigmas = piflow.nfe_schedule(cfg.nfe, cfg.shift, cfg.final_step_scale)
-        total = 0.0
-        for i in range(cfg.nfe):
-            s_src, s_dst = float(sigmas[i]), float(sigmas[i + 1])
-            with torch.no_grad():
-                x_dst = piflow.policy_rollout(TeacherPolicy(self.teacher, cond, x, s_src), x, float(taus[i]),
-                                              float(taus[i + 1]), cfg.shift, cfg.total_substeps)
-            u = self.student(x, piflow.as_batch(s_src, x), cond).u
-            loss = 0.5 * (u - (x_dst - x) / (s_dst - s_src)).pow(2).mean() * float(taus[i] - taus[i + 1])
-            backward(loss)
-            total, x = total + loss.detach(), x_dst
-        return total
+        jump = lambda x, i: piflow.policy_rollout(TeacherPolicy(self.teacher, cond, x, float(sigmas[i])), x,
+                                                  float(taus[i]), float(taus[i + 1]), cfg.shift, cfg.total_substeps)
+        return piflow.shortcut_loss(self.student, torch.randn((n,) + IMG, generator=g, device=g.device), cond, cfg,
+                                    jump, backward)
 
     def evaluate(self, student):
         if self._evaluator is None:

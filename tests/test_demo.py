@@ -73,14 +73,14 @@ def test_sample_py_h_flag(tmp_path, capsys):
     changes it again; a bad value is one line naming --h."""
     def run(name, *a):
         out = str(tmp_path / f"{name}.png")
-        sample.main(["--nfe", "3", "--per-class", "2", "--class-labels", "1", "4", *a, "--out", out])
+        sample.main(["--model", "toy", "--nfe", "3", "--per-class", "2", "--class-labels", "1", "4", *a, "--out", out])
         return pixels(out)
     h0, h1, h1b, h1s = run("a"), run("b", "--h", "1"), run("c", "--h", "1"), run("d", "--h", "1", "--seed", "1")
     assert np.array_equal(h1, h1b) and not np.array_equal(h0, h1) and not np.array_equal(h1, h1s)
     capsys.readouterr()
     for bad in ("-1", "nan", "x"):
         with pytest.raises(SystemExit):
-            sample.main(["--h", bad, "--out", str(tmp_path / "bad.png")])
+            sample.main(["--model", "toy", "--h", bad, "--out", str(tmp_path / "bad.png")])
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1] == f"sample.py: error: argument --h: '{bad}' is not accepted; expected a finite value >= 0 " \
                           "or 'inf'", err
@@ -129,11 +129,11 @@ def test_embedded_page_is_sample_py(tmp_path):
     page = demo.EmbeddedPage("toy", str(tmp_path), threads=torch.get_num_threads())
     path, text = page.generate("3", 5, 2, "auto", "0.5", 3)
     want = tmp_path / "want.png"
-    sample.main(["--nfe", "2", "--seed", "5", "--temperature", "auto", "--h", "0.5", "--per-class", "3",
+    sample.main(["--model", "toy", "--nfe", "2", "--seed", "5", "--temperature", "auto", "--h", "0.5", "--per-class", "3",
                  "--class-labels", "3", "--reference", "euler", "--threads", str(torch.get_num_threads()),
                  "--out", str(want)])
     assert np.array_equal(pixels(path), pixels(str(want)))
-    assert text.startswith("python sample.py --nfe 2 --seed 5 --temperature auto --h 0.5 --per-class 3 "
+    assert text.startswith("python sample.py --model toy --nfe 2 --seed 5 --temperature auto --h 0.5 --per-class 3 "
                            "--class-labels 3 --reference euler")
     for h, temp, field in (("-2", "none", "--h"), ("0", "hot", "--temperature")):
         with pytest.raises(demo.DemoError, match=f"argument {field}"):
@@ -297,11 +297,11 @@ def test_browser_demo_equals_sample_py(server, tmp_path):
         type_into("#seed input", 3)
         type_into("#h input", "1", enter=True)
         d.find_element(By.CSS_SELECTOR, "#generate").click()
-        shown = result("grid", "log", "python sample.py --nfe 2 --seed 3 --temperature none --h 1")
+        shown = result("grid", "log", "python sample.py --model toy --nfe 2 --seed 3 --temperature none --h 1")
         os.makedirs(os.path.join(ROOT, "runs"), exist_ok=True)
         d.save_screenshot(os.path.join(ROOT, "runs", "demo_screenshot.png"))
         want = tmp_path / "want.png"
-        sample.main(["--nfe", "2", "--seed", "3", "--h", "1", "--reference", "euler", "--threads",
+        sample.main(["--model", "toy", "--nfe", "2", "--seed", "3", "--h", "1", "--reference", "euler", "--threads",
                      str(torch.get_num_threads()), "--out", str(want)])
         assert_same_picture(shown, pixels(str(want)))
 

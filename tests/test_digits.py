@@ -322,3 +322,57 @@ def test_stored_ode_reference_is_the_teachers_rk4_of_the_default_grid():
     lin = lambda x, sigma, cond: x                                   # dx/dsigma = x: x(0) = x(1) / e
     other, source = digits.teacher_ode(lin, noise[:2], y[:2], dict(key, seed=1))
     assert source == "computed" and torch.allclose(other, noise[:2] * math.exp(-1), rtol=1e-5, atol=0)
+
+
+def _rk4_between(teacher, x, y, steps, s0, s1):
+    h = (s1 - s0) / steps
+    for i in range(steps):
+        s = s0 + i * h
+        f = lambda x, s: teacher(x, torch.full((len(x),), s), y)
+        k1 = f(x, s)
+        k2 = f(x + h / 2 * k1, s + h / 2)
+        k3 = f(x + h / 2 * k2, s + h / 2)
+        k4 = f(x + h * k3, s + h)
+        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return x
+
+
+def test_shortcut_baseline_regresses_the_teachers_jumps_and_samples_straight(tmp_path):
+    """--policy shortcut (Fig. 2b's baseline) on the SiT attachment: the student is the teacher network; its loss at
+    each of 2 NFE steps is 1/2 mean |u - (x_dst - x_src) / (sigma_dst - sigma_src)|^2 x (raw step length), x_dst the
+    guided teacher's RK4 jump (written out on the stock diffusers teacher); trained 2 steps through train_imagenet.py
+    and exported, it reloads as a shortcut student whose samples are straight jumps x + (sigma' - sigma) u."""
+    from runtime import trainer
+    cfg = piflow.PiIDConfig(nfe=2)
+    tc = trainer.TrainConfig(guidance=1.5, guidance_interval=(0.0, 0.7), data_dependent=False)
+    opts = sit.Options(teacher_ckpt=digits.TEACHER, policy="shortcut", vae="none")
+    att = sit.attach(opts, cfg, tc, {}, torch.device("cpu"))
+    assert isinstance(att.student, sit.ShortcutDiT) and att.loss == att.shortcut_loss
+    losses = []
+    total = att.loss(0, torch.Generator().manual_seed(5), 3, lambda l: losses.append(float(l)))
+    g = torch.Generator().manual_seed(5)
+    y, x = torch.randint(10, (3,), generator=g), torch.randn(3, 1, 28, 28, generator=g)
+    net, _ = sit.load_teacher(sit.Options(teacher_ckpt=digits.TEACHER))
+    teacher = stock_guided(net, 1.5)
+    with torch.no_grad():
+        for i, (s0, s1) in enumerate([(1.0, 0.5), (0.5, 0.0)]):
+            x_dst = _rk4_between(teacher, x, y, sit.SHORTCUT_RK4_STEPS, s0, s1)
+            u = sit.DiT.forward(att.student, x, torch.full((3,), 1000 * s0), y)
+            expect = 0.5 * (u - (x_dst - x) / (s1 - s0)).pow(2).mean() * 0.5
+            assert losses[i] == pytest.approx(float(expect), rel=1e-4), i
+            x = x_dst
+    assert float(total) == pytest.approx(sum(losses), rel=1e-6)
+    exp = tmp_path / "export"
+    train_imagenet.main(["--preset", "digits-gm-k8-4nfe", "--policy", "shortcut", "--nfe", "2", "--teacher-ckpt",
+                         digits.TEACHER, "--steps", "2", "--batch-size", "2", "--out", str(tmp_path / "run"),
+                         "--export", str(exp), "--eval-every", "0", "--ckpt-every", "0", "--no-progress"])
+    torch.set_num_threads(1)
+    student = sit.load_student(str(exp))
+    assert isinstance(student, sit.ShortcutDiT) and student.piid_config.nfe == 2
+    assert json.loads((exp / "config.json").read_text())["piflow"]["policy"] == "shortcut"
+    with torch.no_grad():
+        noise = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+        y, x = torch.tensor([4, 8]), noise
+        for s0, s1 in [(1.0, 0.5), (0.5, 0.0)]:
+            x = x + (s1 - s0) * sit.DiT.forward(student, x, torch.full((2,), 1000 * s0), y)
+        torch.testing.assert_close(piflow.sample(student, noise, y), x, rtol=1e-5, atol=1e-5)

@@ -160,7 +160,7 @@ def test_default_sample_png_pixels_and_alignment(tmp_path, monkeypatch):
     floats, to_uint8 = [], toy.to_uint8
     monkeypatch.setattr(toy, "to_uint8", lambda x, *a: floats.append(x.clone()) or to_uint8(x, *a))
     out = str(tmp_path / "grid.png")
-    res = sample.main(["--nfe", "4", "--out", out])
+    res = sample.main(["--model", "toy", "--nfe", "4", "--out", out])
     student, _ = toy.load_student(toy.DEFAULT_CKPT)
     cond = torch.arange(toy.NUM_CLASSES).repeat_interleave(8)
     noise = torch.randn((len(cond),) + toy.IMG, generator=torch.Generator().manual_seed(0))
@@ -252,12 +252,12 @@ def test_bad_input_one_line_errors(tmp_path, capsys):
                            (["--temperature", "1e38"], r"student's samples: 5120 of 5120 values are NaN or inf; "
                                                        "nothing written")):
         with pytest.raises(SystemExit) as e:
-            sample.main(argv + ["--out", str(out)])
+            sample.main(["--model", "toy"] + argv + ["--out", str(out)])
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and len(err.splitlines()) == 1 and re.search(expected, err), err
     for t in ("inf", "nan", "-1"):                                 # argparse: usage, then one error line
         with pytest.raises(SystemExit):
-            sample.main(["--temperature", t, "--out", str(out)])
+            sample.main(["--model", "toy", "--temperature", t, "--out", str(out)])
         assert "a finite value > 0" in capsys.readouterr().err.strip().splitlines()[-1]
     with pytest.raises(SystemExit):
         toy_lab.main(["--jobs", "0", "--out", str(tmp_path / "lab")])
@@ -279,7 +279,7 @@ def test_failed_allocation_and_progress_bar_of_long_sampling(tmp_path, capsys, m
     monkeypatch.setattr(piflow, "sample", lambda *a, **k: seen.update(sample=k.get("progress")) or real_sample(*a, **k))
     monkeypatch.setattr(piflow, "teacher_euler", lambda *a, **k: seen.update(euler=k.get("progress")) or
                         real_euler(*a, **k))
-    sample.main(["--nfe", "3", "--out", str(tmp_path / "a.png")])
+    sample.main(["--model", "toy", "--nfe", "3", "--out", str(tmp_path / "a.png")])
     assert seen == {"sample": common.PROGRESS_DELAY, "euler": common.PROGRESS_DELAY} and 0 < common.PROGRESS_DELAY <= 5
     assert "pi-Flow sampling" not in capsys.readouterr().err                          # quick: silent
     student, _ = toy.load_student(toy.DEFAULT_CKPT)
@@ -294,7 +294,7 @@ def test_failed_allocation_and_progress_bar_of_long_sampling(tmp_path, capsys, m
     monkeypatch.setattr(piflow, "sample", lambda *a, **k: (_ for _ in ()).throw(
         RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes.")))
     with pytest.raises(SystemExit) as e:
-        sample.main(["--nfe", "3", "--out", str(tmp_path / "b.png")])
+        sample.main(["--model", "toy", "--nfe", "3", "--out", str(tmp_path / "b.png")])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "out of memory" in err and "lower --per-class" in err
     assert not (tmp_path / "b.png").exists()

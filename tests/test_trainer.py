@@ -250,10 +250,10 @@ def test_pickle_payload_is_refused_everywhere(tmp_path, capsys):
         train_imagenet.main(TINY + ["--steps", "3", "--out", str(run), "--resume"])
     assert e.value.code == 2 and "unpickling" in one_line_error(capsys)
     with pytest.raises(SystemExit):
-        sample.main(["--ckpt", str(tmp_path / "exp.pt"), "--out", str(tmp_path / "s.png")])
+        sample.main(["--model", "toy", "--ckpt", str(tmp_path / "exp.pt"), "--out", str(tmp_path / "s.png")])
     assert "unpickling" in one_line_error(capsys)
     with pytest.raises(SystemExit):
-        sample.main(["--ckpt", str(run / "ckpt.pt"), "--out", str(tmp_path / "s.png")])
+        sample.main(["--model", "toy", "--ckpt", str(run / "ckpt.pt"), "--out", str(tmp_path / "s.png")])
     assert "unpickling" in one_line_error(capsys)
     assert not marker.exists() and not (tmp_path / "s.png").exists()
 
@@ -361,7 +361,7 @@ def test_unwritable_outputs_fail_before_work(tmp_path, capsys):
         train_imagenet.main(TINY + ["--steps", "1", "--out", str(tmp_path / "r"), "--export", str(blocker / "e.pt")])
     assert "--export=" in one_line_error(capsys) and not (tmp_path / "r").exists()
     with pytest.raises(SystemExit):
-        sample.main(["--out", str(blocker / "grid.png")])
+        sample.main(["--model", "toy", "--out", str(blocker / "grid.png")])
     assert "--out=" in one_line_error(capsys)
 
 
