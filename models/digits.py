@@ -624,6 +624,7 @@ def main(argv=None):
     d.add_argument("--out", default=DATA, help="output .npz (default: %(default)s)")
     for q in (c, e, la):
         q.add_argument("--data", default=DATA, help="digits .npz (default: %(default)s)")
+    for q in (c, e, la, r):
         q.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default "
                        "(default: %(default)s)")
     for q in (c, e):
