@@ -2,9 +2,10 @@
 
     python -m labs.demo                       # the embedded CPU student + the 2-D lab, http://127.0.0.1:7860
     python -m labs.demo --port 7861 --threads 1
+    python -m labs.demo --model digits        # the embedded digits student: student | teacher Euler | teacher ODE
     python -m labs.demo --model flux --adapter Lakonik/pi-FLUX.1:gmflux_k8_piid_4step     # the pipeline API
 
-Embedded student (sample.py's --model toy): class, seed, NFE, GM temperature and the flow-map SDE knob h; the page
+Embedded student (sample.py's --model toy, or --model digits): class, seed, NFE, GM temperature and the flow-map SDE knob h; the page
 shows exactly the grid `python sample.py ... --reference euler` writes for the same settings (it runs sample.py's
 own main into a PNG): the student's samples | the teacher's Euler sampler at the same NFE, from the same noise.
 The 2-D tab draws the 2-D lab's policy trajectories at the chosen NFE and h (labs.toy2d's teacher and a GM
@@ -28,7 +29,8 @@ import sample
 from labs import sde_h
 from runtime import common
 
-EMBEDDED = {"toy": dict(classes=list(range(10)), extra=["--reference", "euler"])}   # sample.py model -> page
+EMBEDDED = {"toy": dict(classes=list(range(10)), extra=["--reference", "euler"], per_class=8),   # sample.py model
+            "digits": dict(classes=list(range(10)), extra=["--ode-steps", "8"], per_class=2)}   # -> page
 T2I = ("flux", "flux2", "qwen", "sd3")
 H_CHOICES = ["0", "0.5", "1", "inf"]
 
@@ -189,9 +191,10 @@ def build(args, folder):
         if args.model in EMBEDDED:
             emb = EmbeddedPage(args.model, folder, args.threads)
             with gr.Tab(f"{args.model} student vs teacher Euler"):
-                gr.Markdown("The embedded CPU student (`sample.py --model " + args.model + "`): left its samples, "
-                            "right the teacher's Euler sampler at the same NFE, from the same noise. h = 0 is the "
-                            "deterministic sampler; h > 0 re-noises each step (flow-map SDE).")
+                gr.Markdown("The embedded CPU student (`sample.py --model " + args.model + "`): its samples, then "
+                            "the teacher's Euler sampler at the same NFE (digits: and the teacher's ODE), from the "
+                            "same noise. h = 0 is the deterministic sampler; h > 0 re-noises each step (flow-map "
+                            "SDE).")
                 with gr.Row():
                     cls = gr.Dropdown(["all"] + [str(c) for c in EMBEDDED[args.model]["classes"]], value="all",
                                       label="class", elem_id="cls")
@@ -200,7 +203,8 @@ def build(args, folder):
                     temp = gr.Dropdown(["none", "auto", "0.3", "0.5", "1"], value="none", allow_custom_value=True,
                                        label="GM temperature", elem_id="temperature")
                     h = gr.Dropdown(H_CHOICES, value="0", allow_custom_value=True, label="h (SDE)", elem_id="h")
-                    per_class = gr.Slider(1, 16, value=8, step=1, label="samples per class", elem_id="per_class")
+                    per_class = gr.Slider(1, 16, value=EMBEDDED[args.model]["per_class"], step=1,
+                                          label="samples per class", elem_id="per_class")
                 go = gr.Button("generate", variant="primary", elem_id="generate")
                 grid = gr.Image(type="filepath", format="png", label="samples", elem_id="grid", interactive=False)
                 log = gr.Textbox(label="sample.py command and metrics", lines=6, elem_id="log")

@@ -392,7 +392,7 @@ def evaluate(args):
     clf = load_classifier(args.classifier)
     train, train_y = load_split("train", args.data)
     test, test_y = load_split("test", args.data)
-    net, conv = sit.load_teacher(sit.Options(teacher_ckpt=args.teacher))
+    net, conv = sit.load_teacher(sit.Options(teacher_ckpt=args.teacher), "--teacher")
     n, null = NUM_CLASSES * args.per_class, torch.tensor([NUM_CLASSES])
     y = torch.arange(NUM_CLASSES).repeat_interleave(args.per_class)
     noise = torch.randn(n, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(args.seed))
@@ -467,16 +467,18 @@ def add_sample_flags(p, model="digits"):
     p.add_argument("--teacher", default=TEACHER, help="the teacher it was distilled from (default: %(default)s)")
     p.add_argument("--classifier", default=CLASSIFIER, help="digit classifier of the class accuracy (default: "
                    "%(default)s)")
+    p.add_argument("--class-labels", type=int, nargs="+", default=list(range(NUM_CLASSES)), help="grid rows: "
+                   "digits (default: %(default)s)")
     p.add_argument("--per-class", type=int, default=3, help="samples per class and sampler (default: %(default)s)")
     p.add_argument("--ode-steps", type=int, default=32, help="RK4 steps of the teacher's ODE column (4 guided "
                    "teacher calls each; the default grid's are read from assets/digits_ode_reference.npz) "
                    "(default: %(default)s)")
 
 
-def grid_noise(seed, per_class):
-    """Labels (10 k,), noise (10 k, 1, 28, 28) and the generator that drew it (it goes on to the --h re-noising)."""
+def grid_noise(seed, per_class, labels=tuple(range(NUM_CLASSES))):
+    """Labels (n k,), noise (n k, 1, 28, 28) and the generator that drew it (it goes on to the --h re-noising)."""
     g = torch.Generator().manual_seed(seed)
-    y = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
+    y = torch.tensor(labels).repeat_interleave(per_class)
     return y, torch.randn(len(y), 1, SIZE, SIZE, generator=g), g
 
 
@@ -485,7 +487,7 @@ def write_reference(args):
     (float32, with their reference_key), so that the default `python sample.py` need not integrate them."""
     from models import sit
     _, w, interval = load_student(args.student)
-    net, conv = sit.load_teacher(sit.Options(teacher_ckpt=args.teacher))
+    net, conv = sit.load_teacher(sit.Options(teacher_ckpt=args.teacher), "--teacher")
     teacher = piflow.guided_teacher(sit.as_teacher(net, conv), w, torch.tensor([NUM_CLASSES]), interval)
     y, noise, _ = grid_noise(args.seed, args.per_class)
     key = reference_key(args.teacher, args.seed, args.per_class, w, interval, args.ode_steps)
@@ -495,7 +497,7 @@ def write_reference(args):
     return key
 
 
-def reference_key(teacher_path, seed, per_class, guidance, interval, steps):
+def reference_key(teacher_path, seed, per_class, guidance, interval, steps, labels=tuple(range(NUM_CLASSES))):
     """What the teacher ODE endpoints of a grid depend on: the teacher's weights (sha256), the noise (seed, per
     class) and the guidance; a stored reference is used only where every entry matches."""
     import hashlib
@@ -503,7 +505,7 @@ def reference_key(teacher_path, seed, per_class, guidance, interval, steps):
     with open(os.path.join(teacher_path, sit.WEIGHTS), "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()
     return dict(teacher_sha256=sha, seed=int(seed), per_class=int(per_class), guidance=float(guidance),
-                interval=[float(v) for v in interval], ode_steps=int(steps))
+                interval=[float(v) for v in interval], ode_steps=int(steps), class_labels=[int(c) for c in labels])
 
 
 def teacher_ode(teacher, noise, y, key, path=REFERENCE):
@@ -522,16 +524,18 @@ def sample_grid(args):
     student's NFE (Fig. 2a) and the teacher's ODE (RK4), all from the same noise; alignment to the ODE (mean
     squared pixel difference, [-1, 1] scale) and the classifier's accuracy printed."""
     from models import sit
+    labels = args.class_labels
     common.check(args, [("per_class", args.per_class >= 1, "an integer >= 1"),
-                        ("ode_steps", args.ode_steps >= 1, "an integer >= 1")])
-    n = NUM_CLASSES * args.per_class                    # teacher calls on 2 n samples: ~0.5 MiB of activations each
+                        ("ode_steps", args.ode_steps >= 1, "an integer >= 1"),
+                        ("class_labels", all(0 <= c < NUM_CLASSES for c in labels), "digits in [0, 9]")])
+    n = len(labels) * args.per_class                   # teacher calls on 2 n samples: ~0.5 MiB of activations each
     common.check_memory(n * 2 ** 20, "--per-class", args.per_class, f"the {n} samples of each sampler")
     student, w, interval = load_student(args.ckpt, "--ckpt")
-    net, conv = sit.load_teacher(sit.Options(teacher_ckpt=args.teacher))
+    net, conv = sit.load_teacher(sit.Options(teacher_ckpt=args.teacher), "--teacher")
     clf = load_classifier(args.classifier)
     teacher = piflow.guided_teacher(sit.as_teacher(net, conv), w, torch.tensor([NUM_CLASSES]), interval)
     k = args.per_class
-    y, noise, g = grid_noise(args.seed, k)
+    y, noise, g = grid_noise(args.seed, k, labels)
     x, schedule = piflow.sample(student, noise, y, args.nfe, temperature=args.temperature, h=args.h, generator=g,
                                 return_schedule=True)
     nfe = schedule["nfe"]
@@ -540,7 +544,7 @@ def sample_grid(args):
     samples = {f"{kind}, NFE {nfe}" + (f", h {args.h}" if args.h else ""): x,
                f"teacher Euler, {nfe} steps": piflow.teacher_euler(teacher, noise, y, schedule["sigmas"]),
                f"teacher ODE, RK4 {args.ode_steps}": None}
-    key = reference_key(args.teacher, args.seed, k, w, interval, args.ode_steps)
+    key = reference_key(args.teacher, args.seed, k, w, interval, args.ode_steps, labels)
     x_ode, source = teacher_ode(teacher, noise, y, key)
     samples[f"teacher ODE, RK4 {args.ode_steps}"] = x_ode
     metrics = {}
@@ -552,12 +556,12 @@ def sample_grid(args):
               f"{metrics[name]['accuracy']:.3f} ({len(y)} samples)")
     up = lambda t: np.kron(t, np.ones((2, 2), np.uint8))                                 # 28 -> 56 px
     tiles = [[up(t) for t in to_uint8(xs)] for xs in samples.values()]                   # per sampler, 10 k
-    rows = [sum(([None] + ts[c * k:(c + 1) * k] for ts in tiles), [])[1:] for c in range(NUM_CLASSES)]
+    rows = [sum(([None] + ts[r * k:(r + 1) * k] for ts in tiles), [])[1:] for r in range(len(labels))]
     cols = sum(([None, name] + [None] * (k - 1) for name in samples), [])[1:]
     (a_s, a_e) = (m["align"] for m in list(metrics.values())[:2])
     title = (f"MNIST digits, seed {args.seed}: alignment to the teacher's ODE: student {a_s:.4f}, teacher Euler "
              f"{nfe} steps {a_e:.4f}")
-    return dict(rows=rows, row_labels=[f"digit {c}" for c in range(NUM_CLASSES)], col_labels=cols, title=title,
+    return dict(rows=rows, row_labels=[f"digit {c}" for c in labels], col_labels=cols, title=title,
                 nfe=nfe, metrics=list(metrics.values())[0], all_metrics=metrics)
 
 

@@ -313,6 +313,11 @@ def check_writable(path, what, is_dir=False):
         raise UserError(f"{what}={path!r}: folder {folder!r} is not writable")
     if not is_dir and os.path.isdir(path) and not os.path.islink(path):          # a link: a publish_dir export
         raise UserError(f"{what}={path!r} is a folder; expected a file path")
+    try:                                 # os.access grants root everything: write a probe file (e.g. /proc, ro mounts)
+        with tempfile.TemporaryFile(dir=folder if os.path.isdir(folder) else probe):
+            pass
+    except OSError as e:
+        raise UserError(f"{what}={path!r}: cannot write there ({type(e).__name__}: {first_line(e, 120)})") from None
 
 
 class NonFinite(ValueError):

