@@ -170,9 +170,11 @@ def test_default_sample_png_pixels_and_alignment(tmp_path, monkeypatch):
     assert len(floats) == 2 and torch.equal(floats[0], x)
     gap = assert_float_close(grey(floats[1]), grey(x_t), what="teacher tiles")     # measured 0 (OMP 1 and 2)
     img = np.asarray(Image.open(out).convert("RGB"))
-    tile, pad, ncol = 4 * toy.IMG[1], 2, 2 * 8 + 1
-    left = img.shape[1] - ncol * (tile + pad) - pad                        # the label column and header heights
-    top = img.shape[0] - toy.NUM_CLASSES * (tile + pad) - pad
+    from PIL import ImageFont
+    tile, pad = 4 * toy.IMG[1], 2
+    font = ImageFont.load_default(size=12)                                 # common.save_grid's label font
+    left = max(int(font.getlength(f"class {c}")) + 6 for c in range(toy.NUM_CLASSES))   # the label column
+    top = img.shape[0] - toy.NUM_CLASSES * (tile + pad) - pad                            # below the headers
     for i in range(len(cond)):
         c, j = divmod(i, 8)
         for col, xs in ((j, x), (j + 9, x_t)):

@@ -439,7 +439,7 @@ def test_sample_keeps_the_training_schedule():
 def test_every_command_shows_its_models_own_options(capsys):
     """`sample.py --model M --help` and the training scripts' --help list that model's options with defaults."""
     import train_t2i
-    own = {"toy": "--per-class", "imagenet": "--class-labels", "flux": "--adapter", "flux2": "--image IMAGE",
+    own = {"digits": "--ode-steps", "toy": "--per-class", "imagenet": "--class-labels", "flux": "--adapter", "flux2": "--image IMAGE",
            "qwen": "--adapter", "sd3": "--adapter"}
     assert set(own) == set(sample.MODELS)
     for model, flag in own.items():
