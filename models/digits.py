@@ -540,13 +540,12 @@ def sample_grid(args):
                                 return_schedule=True)
     nfe = schedule["nfe"]
     common.check_finite_output(x, "the student's samples", f"--ckpt={args.ckpt!r}, --temperature={args.temperature}")
+    x_ode, source = teacher_ode(teacher, noise, y, reference_key(args.teacher, args.seed, k, w, interval,
+                                                                  args.ode_steps, labels))
     kind = "shortcut student" if isinstance(student, sit.ShortcutDiT) else "pi-Flow student"
     samples = {f"{kind}, NFE {nfe}" + (f", h {args.h}" if args.h else ""): x,
                f"teacher Euler, {nfe} steps": piflow.teacher_euler(teacher, noise, y, schedule["sigmas"]),
-               f"teacher ODE, RK4 {args.ode_steps}": None}
-    key = reference_key(args.teacher, args.seed, k, w, interval, args.ode_steps, labels)
-    x_ode, source = teacher_ode(teacher, noise, y, key)
-    samples[f"teacher ODE, RK4 {args.ode_steps}"] = x_ode
+               f"teacher ODE, RK4 {args.ode_steps}": x_ode}
     metrics = {}
     print(f"{args.ckpt}: CFG {w:g} on sigma in {list(interval)}, sigma schedule "
           + ", ".join(f"{s:.3f}" for s in schedule["sigmas"].tolist()) + f"; teacher ODE {source}")
