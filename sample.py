@@ -22,9 +22,10 @@ import torch
 
 from runtime import common
 
-MODELS = {"digits": "models.digits", "toy": "models.toy", "imagenet": "models.sit", "flux": "models.pipelines", "flux2": "models.pipelines",
-          "qwen": "models.pipelines", "sd3": "models.pipelines"}     # --model -> the module that samples it
-SIZED_BY = {"digits": "--per-class", "toy": "--per-class", "imagenet": "--batch-size (grids: --per-class; --npz: --num-samples)"}
+MODELS = {"digits": "models.digits", "toy": "models.toy", "imagenet": "models.sit", "flux": "models.pipelines",
+          "flux2": "models.pipelines", "qwen": "models.pipelines", "sd3": "models.pipelines"}   # --model -> its module
+SIZED_BY = {"digits": "--per-class", "toy": "--per-class",
+            "imagenet": "--batch-size (grids: --per-class; --npz: --num-samples)"}
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from diffusers import DiTTransformer2DModel
 from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings
 
 import piflow
+from models import shortcut
 from runtime import common, metrics, trainer
 
 VAE_ID, HUB, WEIGHTS = "stabilityai/sd-vae-ft-ema", "Lakonik/pi-Flow-ImageNet", "diffusion_pytorch_model.safetensors"
@@ -120,11 +121,12 @@ class DXDiT(DiT):
 
 class ShortcutDiT(DiT):
     """Fig. 2b's shortcut-predicting baseline: the teacher's own network (initialised from it) whose output u is
-    held constant over each step (piflow.ShortcutPolicy), trained on the teacher ODE's jumps (piflow.shortcut_loss)."""
+    held constant over each step (shortcut.ShortcutPolicy), trained on the teacher ODE's jumps
+    (shortcut.shortcut_loss)."""
 
     def forward(self, x_t, sigma, y):
         sigma = piflow.as_batch(sigma, x_t)
-        return piflow.ShortcutPolicy(super().forward(x_t, sigma * self.t_scale, y), x_t, sigma)
+        return shortcut.ShortcutPolicy(super().forward(x_t, sigma * self.t_scale, y), x_t, sigma)
 
 
 def as_teacher(net, convention="u"):
@@ -501,7 +503,7 @@ class LatentFolder:
 @dataclasses.dataclass(frozen=True)
 class Options:
     teacher_ckpt: str = "repa"          # teacher: repa, flowdit, owner/repo:sub, hf://..., a folder or SiT/DiT file
-    policy: str = "gm"                  # student policy: gm (K Gaussians per pixel), dx (N-point x0 grid) or shortcut (Fig. 2b baseline)
+    policy: str = "gm"                  # gm (K Gaussians per pixel), dx (N-point x0 grid), shortcut (Fig. 2b baseline)
     K: int = 32                         # Gaussians of the GM policy
     N: int = 10                         # grid points of the DX policy
     latents: str = ""                   # latent folder from `python -m models.sit encode` (data-dependent training needs it)
@@ -510,7 +512,7 @@ class Options:
     t_scale: float = 0.0                # network time = t_scale * sigma; 0 = the checkpoint's (1 REPA, 1000 FM DiT)
     teacher_convention: str = "auto"    # auto | u (REPA, FM DiT: v = u) | sit (original SiT: t = 1 - sigma, v = -u)
     grad_checkpointing: bool = False    # recompute the student's blocks in the backward pass (less memory)
-    vae: str = VAE_ID                   # SD-VAE of the latents (recorded in the export, sample.py decodes with it); none: pixels
+    vae: str = VAE_ID                   # SD-VAE of the latents, recorded in the export (none: the model works on pixels)
     trust_checkpoint: bool = False      # unpickle .pt files fully (only files you trust; default: weights only)
     eval_ref: str = ""                  # reference .npz (ADM: arr_0 images / mu, sigma): FID + IS at --eval-every
     eval_samples: int = 1000            # samples of that FID (a proxy at this n, not FID-50k)
@@ -563,13 +565,13 @@ class SiTAttachment(trainer.Attachment):
 
     def shortcut_loss(self, step, g, n, backward):
         """Fig. 2b's baseline, data-free: regress each NFE step's jump of the guided teacher's ODE (RK4,
-        SHORTCUT_RK4_STEPS per NFE step) along the teacher's own trajectory from noise (piflow.shortcut_loss)."""
+        SHORTCUT_RK4_STEPS per NFE step) along the teacher's own trajectory from noise (shortcut.shortcut_loss)."""
         cfg, y = self.cfg, self.sample_cond(n, g)
         sigmas = piflow.nfe_schedule(cfg.nfe, cfg.shift, cfg.final_step_scale)[1]
         jump = lambda x, i: piflow.teacher_rk4(self.teacher, x, y, SHORTCUT_RK4_STEPS, float(sigmas[i]),
                                                float(sigmas[i + 1]))
         noise = torch.randn((n,) + self.noise_shape, generator=g, device=g.device)
-        return piflow.shortcut_loss(self.student, noise, y, cfg, jump, backward)
+        return shortcut.shortcut_loss(self.student, noise, y, cfg, jump, backward)
 
     def sample_data(self, n, g):
         cpu = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,), generator=g, device=g.device)))

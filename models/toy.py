@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import piflow
+from models import shortcut
 from runtime import common, trainer
 
 NUM_CLASSES, PROTOS_PER_CLASS, IMG = 10, 4, (1, 8, 8)
@@ -285,7 +286,7 @@ class ToyStudent(ToyNet):
         if self.opts.policy == "dx":
             grid_u = self.proj_out(h).view(B, self.opts.N, C, H, W)
             return piflow.DXPolicy(grid_u, x_t, sigma, self.segment_size, self.shift)
-        return piflow.ShortcutPolicy(self.proj_out(h).view(B, C, H, W).float(), x_t, sigma)
+        return shortcut.ShortcutPolicy(self.proj_out(h).view(B, C, H, W).float(), x_t, sigma)
 
 
 
@@ -380,7 +381,7 @@ class ToyAttachment(trainer.Attachment):
         taus, sigmas = piflow.nfe_schedule(cfg.nfe, cfg.shift, cfg.final_step_scale)
         jump = lambda x, i: piflow.policy_rollout(TeacherPolicy(self.teacher, cond, x, float(sigmas[i])), x,
                                                   float(taus[i]), float(taus[i + 1]), cfg.shift, cfg.total_substeps)
-        return piflow.shortcut_loss(self.student, torch.randn((n,) + IMG, generator=g, device=g.device), cond, cfg,
+        return shortcut.shortcut_loss(self.student, torch.randn((n,) + IMG, generator=g, device=g.device), cond, cfg,
                                     jump, backward)
 
     def evaluate(self, student):
