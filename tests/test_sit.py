@@ -248,6 +248,37 @@ def test_native_sit_checkpoints_match_reference_sit(tmp_path, capsys):
         sit.load_teacher(sit.Options(teacher_ckpt=str(tmp_path / "bad.pt")))
 
 
+def test_native_sit_teacher_in_the_training_attachment_bf16(tmp_path):
+    """train_imagenet.py --teacher-ckpt an original learn-sigma SiT .pt at --dtype bf16: the attachment holds the
+    frozen teacher in bf16 and the K = 4 GM student in float32; under autocast (as the trainer calls it) its teacher
+    is the reference SiT's -v(x, 1 - sigma) to bf16 precision; the student's GM bias noise depends on --seed alone,
+    not on the global RNG state (the trainer seeds that too, for the logstd MLP's random hidden layer)."""
+    from runtime import trainer
+    orig = randomize(RefSiT(48, 3, out=2 * C), 1)                        # learn-sigma: 2C outputs, t = 0 is noise
+    torch.save(orig.state_dict(), tmp_path / "SiT-XL-2-256x256.pt")
+    opts = sit.Options(teacher_ckpt=str(tmp_path / "SiT-XL-2-256x256.pt"), num_heads=3, K=4)
+    atts = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        atts.append(sit.attach(opts, piflow.PiIDConfig(), trainer.TrainConfig(seed=7), {}, torch.device("cpu"),
+                               torch.bfloat16))
+    att = atts[0]
+    assert {p.dtype for p in att.net.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in att.student.parameters()} == {torch.float32}
+    assert isinstance(att.student, sit.GMDiT) and att.student.config.num_gaussians == 4
+    assert torch.equal(att.student.proj_out_means.bias, atts[1].student.proj_out_means.bias)
+    x, sigma, y = inputs()
+    with torch.no_grad():
+        u_ref = -orig(x, 1 - sigma, y)[:, :C]
+        with torch.autocast("cpu", torch.bfloat16):
+            u = att.teacher(x, sigma, y)
+    print(f"bf16 SiT teacher vs float32 reference: max |diff| {maxdiff(u, u_ref):.2e} of max |u| "
+          f"{u_ref.abs().max():.2f}")
+    # bf16 rounds weights and activations (8 significant bits): 2.3 % of max |u| measured here; a wrong time or sign
+    # is of the order of |u| itself
+    assert maxdiff(u, u_ref) < 0.1 * u_ref.abs().max()
+
+
 def test_teacher_and_gm_student_match_stock_diffusers(tmp_path):
     """DiT-mod weights in our modules and in stock diffusers DiTs (3 heads of 8, t = 1000 sigma)."""
     x, sigma, y = inputs()
@@ -384,6 +415,39 @@ def test_students_start_as_the_teacher(tmp_path):
     assert maxdiff(pol.velocity(x, sigma), u_T) < 1e-5
     tau_src = piflow.unwarp_time(sigma)
     assert torch.allclose(pol.tau_dst, (tau_src - 1 / 3.5).clamp(min=0))
+
+
+def test_students_start_as_the_teacher_at_time_scale_1000_and_shift_3(tmp_path):
+    """An FM-DiT-like teacher (network time 1000 sigma, --t-scale 1000) and a shifted schedule (shift 3, 2 NFE):
+    the teacher wrapper is the stock diffusers DiT at t = 1000 sigma; the DX student (N = 3), a K = 5 GM student and
+    the shortcut baseline each start at that velocity; the DX grid starts one step, 1/2, below the source in the
+    shifted raw time tau = sigma / (3 - 2 sigma) (written out); the GM bias noise depends on the generator alone."""
+    net, conv = sit.load_teacher(sit.Options(teacher_ckpt=teacher_folder(tmp_path), t_scale=1000.0))
+    x, _, y = inputs()
+    sigma = torch.tensor([0.3, 0.8, 0.95])
+    with torch.no_grad():
+        ref = stock_dit(CONFIG, dit_mod_weights(CONFIG, 0))(x, timestep=1000 * sigma, class_labels=y).sample
+    assert maxdiff(sit.as_teacher(net, conv)(x, sigma, y), ref) < 1e-5
+    cfg = piflow.PiIDConfig(nfe=2, shift=3.0)
+    dx = sit.student_from_teacher(net, "dx", 0, 3, cfg)
+    with torch.no_grad():
+        pol = dx(x, sigma, y)
+    assert maxdiff(pol.velocity(x, sigma), ref) < 1e-5
+    torch.testing.assert_close(pol.tau_dst, (sigma / (3 - 2 * sigma) - 0.5).clamp(min=0))   # 0, 0.071, 0.364
+    gm = []
+    for global_seed in (1, 2):                          # another global RNG state: the same student
+        torch.manual_seed(global_seed)
+        gm.append(sit.student_from_teacher(net, "gm", 5, 0, cfg, torch.Generator().manual_seed(0)))
+    assert gm[0].config.num_gaussians == 5 and gm[0].t_scale == 1000.0
+    assert torch.equal(gm[0].proj_out_means.bias, gm[1].proj_out_means.bias)   # (the logstd MLP's hidden layer: global)
+    noise = gm[0].proj_out_means.bias.reshape(4, 5, C) - net.proj_out_2.bias.reshape(4, 1, C)
+    with torch.no_grad():
+        v = gm[0](x, sigma, y).velocity(x, sigma)
+    assert maxdiff(v - ref, noise[0].mean(0)[None, :, None, None].expand_as(v)) < 1e-5
+    shortcut = sit.student_from_teacher(net, "shortcut", 0, 0, cfg)
+    assert isinstance(shortcut, sit.ShortcutDiT) and shortcut.t_scale == 1000.0
+    with torch.no_grad():
+        assert maxdiff(shortcut(x, sigma, y).velocity(x, sigma), ref) < 1e-5
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -111,8 +111,12 @@ def run_target(name, args):
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.split()
     for f in files:
-        if (ROOT / f).is_file() and not f.startswith((".venv", "runs/")):
-            (tree / f).parent.mkdir(parents=True, exist_ok=True)
+        if f.startswith((".venv", "runs/")):
+            continue
+        (tree / f).parent.mkdir(parents=True, exist_ok=True)
+        if (ROOT / f).is_symlink():                          # e.g. assets/digits_teacher -> its version folder
+            os.symlink(os.readlink(ROOT / f), tree / f)
+        elif (ROOT / f).is_file():
             shutil.copy2(ROOT / f, tree / f)
     (tree / source).write_text(undecorate((ROOT / source).read_text()))
     also = sorted({f.split("/")[0] for f in files if (tree / f).exists()} - {source, "tests", "setup.cfg"})
