@@ -18,3 +18,20 @@ def flush_denormals():
     torch.set_flush_denormal(True)
     yield
     torch.set_flush_denormal(False)
+
+
+@pytest.fixture
+def plant_nan(monkeypatch):
+    """plant_nan(i): piflow.sample returns its samples with value i (flat index) set to NaN, as a diverged or
+    corrupt student would; returns the real sampler. The writers must refuse such samples in one line."""
+    import piflow
+    real = piflow.sample
+
+    def plant(i):
+        def one_nan(*a, **k):
+            x = real(*a, **k)
+            x.view(-1)[i] = float("nan")
+            return x
+        monkeypatch.setattr(piflow, "sample", one_nan)
+        return real
+    return plant

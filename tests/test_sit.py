@@ -511,18 +511,12 @@ def test_sample_grid_and_npz_recomputed(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if ".part" in f]
 
 
-def test_non_finite_samples_write_nothing(tmp_path, capsys, monkeypatch):
+def test_non_finite_samples_write_nothing(tmp_path, capsys, plant_nan):
     """A sampler planted to return one NaN: sample.py --model imagenet stops with one line, and neither the grid nor
     the --npz is written (was: NaN cast to uint8 and written)."""
     folder, _, _ = released_student(tmp_path / "s")
     tiny_vae(str(tmp_path / "vae"))
-    real = piflow.sample
-
-    def one_nan(*a, **k):
-        x = real(*a, **k)
-        x.view(-1)[0] = float("nan")
-        return x
-    monkeypatch.setattr(piflow, "sample", one_nan)
+    plant_nan(0)
     base = ["--model", "imagenet", "--ckpt", folder, "--vae", str(tmp_path / "vae"), "--device", "cpu", "--out",
             str(tmp_path / "g.png"), "--class-labels", "1", "--per-class", "2"]
     for extra in ([], ["--npz", str(tmp_path / "s.npz"), "--num-samples", "2"]):

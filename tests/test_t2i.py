@@ -1117,18 +1117,12 @@ def test_malformed_base_folder_is_one_line(bases, tmp_path, capsys):
         print(line)
 
 
-def test_non_finite_samples_are_refused(bases, tmp_path, monkeypatch):
+def test_non_finite_samples_are_refused(bases, tmp_path, monkeypatch, plant_nan):
     """Non-finite latents (here: a sampler planted to return one NaN) are refused by the pipeline with one line
     instead of being decoded into NaN images (sample.py then writes nothing); an inf temperature is refused as a
     setting."""
     pipe = pipelines.piflow_pipeline("flux", bases["flux"], our_adapter("flux", tmp_path / "ad"))
-    real = piflow.sample
-
-    def one_nan(*a, **k):
-        x = real(*a, **k)
-        x.view(-1)[5] = float("nan")
-        return x
-    monkeypatch.setattr(piflow, "sample", one_nan)
+    real = plant_nan(5)
     with pytest.raises(common.UserError, match="the sampled latents: 1 of 256 values are NaN or inf; nothing written"):
         pipe("a cat", height=32, width=32)
     monkeypatch.setattr(piflow, "sample", real)
