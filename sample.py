@@ -62,8 +62,6 @@ def parser_for(model):
                    "(default: %(default)s)")
     with lean_imports(model):
         module = importlib.import_module(MODELS[model])
-        if model == "digits":
-            importlib.import_module("models.sit")
     module.add_sample_flags(p.add_argument_group(f"--model {model}"), model)
     return p, module
 

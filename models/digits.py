@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models import sit
 from runtime import common, trainer
 import piflow
 
@@ -172,7 +173,6 @@ def init_weights(net):
 
 
 def build_teacher(opts):
-    from models import sit
     net = sit.DiT(**dit_config(opts))
     net.t_scale = float(opts.t_scale)
     return init_weights(net)
@@ -182,7 +182,6 @@ def save_teacher(path, net, state, meta):
     """The released ImageNet teacher format (common.publish_dir): config.json (the diffusers config, its class name,
     our 'piflow' facts: t_scale, ...) + diffusion_pytorch_model.safetensors, float16."""
     from safetensors.torch import save_file
-    from models import sit
     state = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in state.items()}
     common.check_finite(state, f"teacher {path}")
     config = {k: v for k, v in net.config.items() if not k.startswith("_")}
@@ -373,7 +372,6 @@ def fmt(v):
 def load_student(spec, what="--student"):
     """A student through the ImageNet loader (sit.load_student: an export folder or a run's ckpt.pt) and the
     teacher guidance it was distilled from: (student, guidance, interval)."""
-    from models import sit
     student = sit.load_student(spec, what)
     if os.path.isdir(spec):
         st = common.read_json(os.path.join(spec, "config.json"), what).get("piflow", {})
@@ -388,7 +386,6 @@ def evaluate(args):
     is read through the ImageNet loader (sit.load_teacher). Teacher alignment: mean squared pixel difference
     ([-1, 1] scale) to the teacher's ODE endpoint (RK4) at the same guidance; class accuracy and classifier FID
     against the held-out digits; mean L2 distance to the nearest train digit (memorisation probe)."""
-    from models import sit
     clf = load_classifier(args.classifier)
     train, train_y = load_split("train", args.data)
     test, test_y = load_split("test", args.data)
@@ -416,7 +413,7 @@ def evaluate(args):
                        for i in range(0, n, args.batch_size)])
         return x, time.process_time() - c0
 
-    def teacher_ode(w, interval):
+    def ode_of(w, interval):
         if (w, interval) not in ode:
             teacher = piflow.guided_teacher(sit.as_teacher(net, conv), w, null, interval)
             x, cpu = run(lambda z, c: piflow.teacher_rk4(teacher, z, c, args.ode_steps))
@@ -432,7 +429,7 @@ def evaluate(args):
         """The teacher's own Euler sampler at `nfe`, once per (guidance, interval, NFE)."""
         if (w, interval, nfe) not in euler:
             euler.add((w, interval, nfe))
-            teacher, x_ode = teacher_ode(w, interval)
+            teacher, x_ode = ode_of(w, interval)
             sigmas = piflow.nfe_schedule(nfe, 1.0, 1.0)[1]                   # uniform in sigma
             x, cpu = run(lambda z, c: piflow.teacher_euler(teacher, z, c, sigmas))
             row("teacher Euler", to_uint8(x), y.numpy(), f"{w:g} on {list(interval)}", nfe,
@@ -443,12 +440,12 @@ def evaluate(args):
     print(f"real train (all {len(train)}) vs held-out: classifier FID {classifier_fid(clf, test, train):.3f}")
     interval = tuple(args.interval)
     for w in args.guidance:
-        teacher_ode(w, interval)
+        ode_of(w, interval)
         for nfe in args.euler_nfe:
             teacher_euler(w, interval, nfe)
     for spec in args.student or []:
         student, w, iv = load_student(spec)
-        x_ode = teacher_ode(w, iv)[1]
+        x_ode = ode_of(w, iv)[1]
         nfe = student.piid_config.nfe
         x, cpu = run(lambda z, c: piflow.sample(student, z, c))
         row(f"student {spec}", to_uint8(x), y.numpy(), f"{w:g} on {list(iv)}", nfe,
@@ -475,6 +472,12 @@ def add_sample_flags(p, model="digits"):
                    "(default: %(default)s)")
 
 
+def load_guided_teacher(path, guidance, interval):
+    """The teacher folder through the ImageNet loader, with interval CFG (null class 10) at the student's guidance."""
+    net, conv = sit.load_teacher(sit.Options(teacher_ckpt=path), "--teacher")
+    return piflow.guided_teacher(sit.as_teacher(net, conv), guidance, torch.tensor([NUM_CLASSES]), interval)
+
+
 def grid_noise(seed, per_class, labels=tuple(range(NUM_CLASSES))):
     """Labels (n k,), noise (n k, 1, 28, 28) and the generator that drew it (it goes on to the --h re-noising)."""
     g = torch.Generator().manual_seed(seed)
@@ -485,10 +488,8 @@ def grid_noise(seed, per_class, labels=tuple(range(NUM_CLASSES))):
 def write_reference(args):
     """`python -m models.digits reference`: the teacher ODE endpoints of sample.py's grid for --student's guidance
     (float32, with their reference_key), so that the default `python sample.py` need not integrate them."""
-    from models import sit
     _, w, interval = load_student(args.student)
-    net, conv = sit.load_teacher(sit.Options(teacher_ckpt=args.teacher), "--teacher")
-    teacher = piflow.guided_teacher(sit.as_teacher(net, conv), w, torch.tensor([NUM_CLASSES]), interval)
+    teacher = load_guided_teacher(args.teacher, w, interval)
     y, noise, _ = grid_noise(args.seed, args.per_class)
     key = reference_key(args.teacher, args.seed, args.per_class, w, interval, args.ode_steps)
     x = piflow.teacher_rk4(teacher, noise, y, args.ode_steps)
@@ -501,7 +502,6 @@ def reference_key(teacher_path, seed, per_class, guidance, interval, steps, labe
     """What the teacher ODE endpoints of a grid depend on: the teacher's weights (sha256), the noise (seed, per
     class) and the guidance; a stored reference is used only where every entry matches."""
     import hashlib
-    from models import sit
     with open(os.path.join(teacher_path, sit.WEIGHTS), "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()
     return dict(teacher_sha256=sha, seed=int(seed), per_class=int(per_class), guidance=float(guidance),
@@ -523,7 +523,6 @@ def sample_grid(args):
     """`sample.py --model digits`: one row per class; the student, the teacher's own Euler sampler at the
     student's NFE (Fig. 2a) and the teacher's ODE (RK4), all from the same noise; alignment to the ODE (mean
     squared pixel difference, [-1, 1] scale) and the classifier's accuracy printed."""
-    from models import sit
     labels = args.class_labels
     common.check(args, [("per_class", args.per_class >= 1, "an integer >= 1"),
                         ("ode_steps", args.ode_steps >= 1, "an integer >= 1"),
@@ -531,9 +530,8 @@ def sample_grid(args):
     n = len(labels) * args.per_class                   # teacher calls on 2 n samples: ~0.5 MiB of activations each
     common.check_memory(n * 2 ** 20, "--per-class", args.per_class, f"the {n} samples of each sampler")
     student, w, interval = load_student(args.ckpt, "--ckpt")
-    net, conv = sit.load_teacher(sit.Options(teacher_ckpt=args.teacher), "--teacher")
+    teacher = load_guided_teacher(args.teacher, w, interval)
     clf = load_classifier(args.classifier)
-    teacher = piflow.guided_teacher(sit.as_teacher(net, conv), w, torch.tensor([NUM_CLASSES]), interval)
     k = args.per_class
     y, noise, g = grid_noise(args.seed, k, labels)
     x, schedule = piflow.sample(student, noise, y, args.nfe, temperature=args.temperature, h=args.h, generator=g,
